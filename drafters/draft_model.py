@@ -1,0 +1,190 @@
+"""A separate draft model (any HF causal LM with the target's tokenizer).
+
+Classic speculative decoding (Leviathan et al., 2023, https://arxiv.org/abs/2211.17192; Chen et
+al., 2023, https://arxiv.org/abs/2302.01318) with chain drafts, or token trees grown level by level
+(SpecInfer, https://arxiv.org/abs/2305.09781; EAGLE-2's confidence-ranked expansion,
+https://arxiv.org/abs/2406.16858, for greedy decoding).
+
+The draft keeps its own :class:`~specdec.StaticTreeCache`. Each ``propose``:
+  1. catch-up: one forward of the tokens committed since the last call (accepted drafts + bonus,
+     the root last) as a chain; they are committed in the draft cache;
+  2. expand: ``depth - 1`` more forwards, one per tree level, each over that level's frontier with
+     the tree mask, writing to scratch slots that the next catch-up overwrites.
+
+Greedy target: children are the draft's top-``branching`` tokens and the frontier keeps the
+``width`` most probable paths. Sampling target: children are drawn from the draft distribution
+without replacement (Gumbel-top-k), and each child records the renormalised remainder it was drawn
+from, so recursive rejection sampling stays lossless; the frontier keeps the first-drawn children
+(a choice that does not look at the drawn values, which would bias them).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from specdec.acceptance import target_probs
+from specdec.attention import sdpa_tree_attention
+from specdec.cache import StaticTreeCache
+from specdec.forward import causal_chain_mask, tree_forward
+from specdec.generate import SpecDecInputError
+from specdec.state import AcceptResult, DecodeState
+from specdec.tree import TokenTree
+
+__all__ = ["DraftModel", "check_same_vocab"]
+
+
+def _vocab(model) -> int:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return cfg.vocab_size
+
+
+def check_same_vocab(draft, target, draft_tokenizer=None, target_tokenizer=None) -> None:
+    """Raise :class:`~specdec.SpecDecInputError` unless draft and target share a vocabulary."""
+    vd, vt = _vocab(draft), _vocab(target)
+    if vd != vt:
+        raise SpecDecInputError(f"draft vocabulary ({vd}) differs from the target's ({vt}): they must share a tokenizer")
+    if draft_tokenizer is not None and target_tokenizer is not None:
+        if draft_tokenizer.get_vocab() != target_tokenizer.get_vocab():
+            raise SpecDecInputError("draft and target tokenizers map tokens to different ids")
+
+
+class DraftModel:
+    """Draft with a smaller (or the same) HF model.
+
+    Args:
+        model: HF causal LM sharing the target's tokenizer.
+        depth: draft levels per step (chain length for ``branching=1``).
+        branching: children per expanded node (1 = chain).
+        width: frontier nodes kept per level (default ``branching``).
+        tokenizer, target_tokenizer: optional, to check the two tokenizers agree id for id.
+        backend: attention backend for the draft's forwards.
+    """
+
+    def __init__(self, model, depth: int = 4, branching: int = 1, width: int | None = None, tokenizer=None,
+                 target_tokenizer=None, backend=sdpa_tree_attention):
+        if depth < 1 or branching < 1:
+            raise ValueError("depth and branching must be >= 1")
+        self.model = model
+        self.depth = depth
+        self.branching = branching
+        self.width = width if width is not None else branching
+        self.tokenizer = tokenizer
+        self.target_tokenizer = target_tokenizer
+        self.backend = backend
+        self.cache: StaticTreeCache | None = None
+        self._host_len: list[int] = []
+
+    def __repr__(self) -> str:
+        return f"DraftModel(depth={self.depth}, branching={self.branching}, width={self.width})"
+
+    # ------------------------------------------------------------------ Drafter API
+    def check(self, target) -> None:
+        check_same_vocab(self.model, target, self.tokenizer, self.target_tokenizer)
+
+    def prefill(self, state: DecodeState) -> None:
+        self.check(state.target)
+        p = next(self.model.parameters())
+        self.cache = StaticTreeCache(self.model.config, state.batch_size, state.max_total_len + 1, p.dtype, state.device)
+        self._host_len = [0] * state.batch_size
+
+    def observe(self, state: DecodeState, accepted: AcceptResult) -> None:
+        pass  # the next catch-up forward feeds what was committed
+
+    def propose(self, state: DecodeState, budget: int) -> TokenTree:
+        B = state.batch_size
+        dev = state.device
+        cache = self.cache
+        roots = state.roots
+        if budget <= 0:
+            return TokenTree.root_only(roots)
+
+        # 1. catch-up: committed tokens the draft has not seen, the root last, as one chain
+        seq_host = [len(t) for t in state.host_tokens]
+        counts = [s - h for s, h in zip(seq_host, self._host_len)]
+        n = max(counts)
+        ar = torch.arange(n, device=dev)
+        start = torch.tensor(self._host_len, device=dev)
+        idx = (start.unsqueeze(1) + ar).clamp(max=state.sequences.shape[1] - 1)
+        chain = state.sequences.gather(1, idx)  # [B, n] (rows with fewer tokens carry padding at the end)
+        out = tree_forward(
+            self.model, cache, chain, causal_chain_mask(B, n, dev), ar.expand(B, n), max(self._host_len) + n, self.backend
+        )
+        cnt = torch.tensor(counts, device=dev)
+        cache.advance(cnt)
+        self._host_len = seq_host
+        last = out.logits.gather(1, (cnt - 1).view(B, 1, 1).expand(B, 1, out.logits.shape[-1])).squeeze(1)  # [B, V]
+
+        # 2. expand level by level
+        greedy = state.sampling.greedy
+        toks: list[Tensor] = [roots.view(B, 1)]
+        pars: list[Tensor] = [torch.full((B, 1), -1, dtype=torch.long, device=dev)]
+        probs_rows: list[Tensor] = []
+        frontier = torch.zeros(B, 1, dtype=torch.long, device=dev)  # node ids
+        f_score = torch.zeros(B, 1, device=dev)
+        level_logits = last.unsqueeze(1)  # [B, f, V]
+        used = 0
+        all_tok = roots.view(B, 1)
+        all_par = pars[0]
+        depth_of = [0]
+        for d in range(1, self.depth + 1):
+            f = frontier.shape[1]
+            k = min(self.branching, budget - used)
+            if k <= 0:
+                break
+            if greedy:
+                logp = torch.log_softmax(level_logits.float(), -1)
+                top = torch.topk(logp, k, dim=-1)
+                cand_tok, cand_lp = top.indices, top.values  # [B, f, k]
+                cand_q = None
+            else:
+                q = target_probs(level_logits, state.sampling)  # [B, f, V]
+                g = -torch.log(-torch.log(torch.rand(q.shape, device=dev, generator=state.generator).clamp_(1e-20, 1.0)))
+                cand_tok = torch.topk(torch.log(q) + g, k, dim=-1).indices  # draws without replacement, in order
+                # q_j: q with the earlier draws removed, renormalised
+                removed = torch.zeros_like(q)
+                qs = []
+                for j in range(k):
+                    rem = (q * (1 - removed))
+                    rem = rem / rem.sum(-1, keepdim=True).clamp(min=1e-30)
+                    qs.append(rem)
+                    removed = removed.scatter(-1, cand_tok[..., j : j + 1], 1.0)
+                cand_q = torch.stack(qs, 2)  # [B, f, k, V]
+                cand_lp = torch.zeros(cand_tok.shape, device=dev)
+            cand_par = frontier.unsqueeze(2).expand(B, f, k)
+            score = (f_score.unsqueeze(2) + cand_lp).reshape(B, f * k)
+            keep = min(f * k, budget - used, self.width if d < self.depth else f * k)
+            if greedy and keep < f * k:
+                sel = torch.topk(score, keep, dim=-1).indices.sort(-1).values  # keep BFS order
+            else:
+                sel = torch.arange(keep, device=dev).expand(B, keep)
+            new_tok = cand_tok.reshape(B, f * k).gather(1, sel)
+            new_par = cand_par.reshape(B, f * k).gather(1, sel)
+            new_ids = torch.arange(all_tok.shape[1], all_tok.shape[1] + keep, device=dev).expand(B, keep)
+            if cand_q is not None:
+                V = cand_q.shape[-1]
+                probs_rows.append(cand_q.reshape(B, f * k, V).gather(1, sel.unsqueeze(-1).expand(B, keep, V)))
+            all_tok = torch.cat([all_tok, new_tok], 1)
+            all_par = torch.cat([all_par, new_par], 1)
+            depth_of += [d] * keep
+            used += keep
+            f_score = score.gather(1, sel)
+            frontier = new_ids
+            if d == self.depth or used >= budget:
+                break
+            # forward the new level (draft nodes 1.. sit at slots cache.lengths + node - 1)
+            M = all_tok.shape[1] - 1
+            tree = TokenTree(tokens=all_tok, parents=all_par)
+            anc = tree.ancestor_mask[:, :, 1:]  # [B, M+1, M] ancestry among draft nodes
+            q_nodes = frontier - 1
+            depths = tree.depths[:, 1:] - 1
+            out = tree_forward(
+                self.model, cache, new_tok, anc.gather(1, frontier.unsqueeze(-1).expand(B, keep, M)), depths,
+                max(seq_host) + M, self.backend, query_nodes=q_nodes,
+            )
+            level_logits = out.logits
+        draft_probs = None
+        if probs_rows:
+            pr = torch.cat(probs_rows, 1)
+            draft_probs = torch.cat([torch.zeros_like(pr[:, :1]), pr], 1)
+        return TokenTree(tokens=all_tok, parents=all_par, draft_probs=draft_probs)

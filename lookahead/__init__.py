@@ -1,0 +1,1 @@
+"""Model-free n-gram lookahead caches (Raw: per request; Turbo: global, frequency-ranked, bounded)."""

@@ -1,0 +1,166 @@
+"""StaticTreeCache: a preallocated K/V cache with scratch slots for token trees.
+
+Layout: one tensor ``kv`` of shape ``[L_layers, 2, B, H_kv, T_max, D]`` (2 = key, value). Every
+layer's K and V are views into it, so committing an accepted path is ONE gather + ONE scatter over
+all layers (or one Triton launch, see :mod:`verifiers.kernels`), never a Python loop over layers.
+
+Per row b, slots ``[0, lengths[b])`` hold the committed tokens. A forward writes its new K/V to
+the slots given by :meth:`begin_step` (tree node i of a verify pass goes to ``lengths[b] + i``);
+rejected nodes need no rollback: they are simply overwritten by the next step (gpt-fast).
+
+Implements the parts of the transformers ``Cache`` API that HF decoder models call
+(``update``, ``get_seq_length``, ``get_max_length``, ``get_mask_sizes``), so unmodified HF
+modeling code writes into it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache
+
+__all__ = ["StaticTreeCache", "kv_shape_from_config"]
+
+
+def kv_shape_from_config(config) -> tuple[int, int, int]:
+    """``(num_layers, num_kv_heads, head_dim)`` of a (text) model config."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n_layers = cfg.num_hidden_layers
+    n_heads = cfg.num_attention_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    return n_layers, n_kv, head_dim
+
+
+class StaticTreeCache(Cache):
+    """Preallocated K/V for ``batch_size`` rows of at most ``max_len`` tokens each.
+
+    Args:
+        config: the model's (text) config, used for layer count, KV heads and head dim.
+        batch_size: rows.
+        max_len: slots per row (committed tokens + the largest tree ever verified).
+        dtype, device: of the K/V storage (match the model).
+        num_layers: override the number of layers (e.g. a draft that runs only a prefix).
+    """
+
+    is_compileable = True
+
+    def __init__(self, config, batch_size: int, max_len: int, dtype: torch.dtype, device, num_layers: int | None = None):
+        super().__init__(layers=[])
+        n_layers, n_kv, head_dim = kv_shape_from_config(config)
+        if num_layers is not None:
+            n_layers = num_layers
+        self.num_layers = n_layers
+        self.max_len = int(max_len)
+        self._batch = int(batch_size)
+        # [layers, 2, B, H_kv, T_max, D]
+        self.kv = torch.zeros(n_layers, 2, batch_size, n_kv, max_len, head_dim, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B] committed slots
+        self._write_slots: Tensor | None = None  # [B, n] slots the next forward writes to
+        self._view_len = self.max_len  # keys/values handed to attention: slots [0, view_len)
+
+    # ------------------------------------------------------------------ engine side
+    @property
+    def device(self) -> torch.device:
+        return self.kv.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.kv.dtype
+
+    def layer_kv(self, layer_idx: int) -> tuple[Tensor, Tensor]:
+        """Full ``[B, H_kv, T_max, D]`` key and value buffers of one layer (fixed addresses)."""
+        return self.kv[layer_idx, 0], self.kv[layer_idx, 1]
+
+    def begin_step(self, write_slots: Tensor, view_len: int | None = None) -> None:
+        """Declare where the next forward's ``n`` new tokens go.
+
+        Args:
+            write_slots: ``[B, n]`` slot index of each new token.
+            view_len: attention sees slots ``[0, view_len)`` (default: all ``max_len``).
+        """
+        self._write_slots = write_slots
+        view = self.max_len if view_len is None else int(view_len)
+        if view > self.max_len:
+            raise ValueError(f"step needs {view} cache slots but the cache holds {self.max_len}")
+        self._view_len = view
+
+    def commit(self, path: Tensor, path_len: Tensor) -> None:
+        """Move the accepted nodes' K/V into contiguous slots after the committed prefix.
+
+        Args:
+            path: ``[B, P]`` accepted node ids, root first (node i lives in slot ``lengths + i``);
+                entries at ``j >= path_len[b]`` are ignored (may be -1).
+            path_len: ``[B]`` number of valid entries.
+        After the call ``lengths += path_len``. One gather and one scatter over all layers.
+        """
+        B, P = path.shape
+        j = torch.arange(P, device=path.device).expand(B, P)
+        keep = j < path_len.unsqueeze(1)
+        src_node = torch.where(keep, path, j)  # ignored entries copy a slot onto itself
+        base = self.lengths.unsqueeze(1)
+        src = base + src_node  # [B, P]
+        dst = base + j  # [B, P]
+        bi = torch.arange(B, device=path.device).unsqueeze(1).expand(B, P)
+        flat = self.kv.view(self.num_layers * 2, B, *self.kv.shape[3:])  # [2L, B, H, T, D]
+        moved = flat[:, bi, :, src]  # [B, P, 2L, H, D]  (advanced indices go first)
+        flat[:, bi, :, dst] = moved
+        self.lengths += path_len
+
+    def advance(self, n: Tensor | int) -> None:
+        """Commit ``n`` tokens already written contiguously at ``[lengths, lengths + n)``."""
+        self.lengths += n
+
+    def reset(self) -> None:
+        self.lengths.zero_()
+        self._write_slots = None
+        self._view_len = self.max_len
+
+    # ------------------------------------------------------------------ transformers Cache API
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
+        """Write ``[B, H_kv, n, D]`` new K/V to the declared slots; return the visible K/V views."""
+        if self._write_slots is None:
+            raise RuntimeError("StaticTreeCache.update called without begin_step(); use specdec's forward helpers")
+        k_buf, v_buf = self.kv[layer_idx, 0], self.kv[layer_idx, 1]
+        B, H, n, D = key_states.shape
+        idx = self._write_slots.view(B, 1, n, 1).expand(B, H, n, D)
+        k_buf.scatter_(2, idx, key_states.to(k_buf.dtype))
+        v_buf.scatter_(2, idx, value_states.to(v_buf.dtype))
+        return k_buf[:, :, : self._view_len], v_buf[:, :, : self._view_len]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.lengths.max())
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return self.max_len
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return self.max_len
+
+    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
+        return self._view_len, 0
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False] * self.num_layers
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch
+
+    @property
+    def max_batch_size(self) -> int:
+        return self._batch
+
+    @property
+    def max_cache_len(self) -> int:
+        return self.max_len
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def __repr__(self) -> str:
+        return (
+            f"StaticTreeCache(layers={self.num_layers}, batch={self._batch}, max_len={self.max_len}, "
+            f"dtype={self.dtype}, device={self.device})"
+        )

@@ -1,0 +1,329 @@
+"""``generate()``: lossless speculative decoding with one-pass tree verification.
+
+The loop (one screen, gpt-fast style)::
+
+    prefill(target, prompt) -> first token          # TTFT
+    repeat until EOS / stop / max_new_tokens:
+        1. tree   = drafter.propose(state, budget)  # TokenTree, node 0 = last committed token
+        2. logits = verifier(target, tree, cache)   # ONE forward over the whole tree
+        3. res    = accept(tree, logits, sampling)  # accepted path + bonus token
+        4. cache.commit(res.path)                   # accepted K/V -> contiguous slots
+        5. append tokens, check EOS/stop (the one host sync per step), drafter.observe(...)
+
+``drafter=None`` is plain autoregressive decoding through the same engine (trees of one node):
+the baseline every benchmark compares against.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .acceptance import accept, sample_token, target_probs
+from .cache import StaticTreeCache
+from .forward import causal_chain_mask, tree_forward
+from .metrics import DepthCounters, GenerateOutput, GenerateStats, StepTimer
+from .state import AcceptResult, DecodeState, SamplingConfig
+from .tree import TokenTree
+
+__all__ = ["generate", "SpecDecInputError", "StopChecker"]
+
+
+class SpecDecInputError(ValueError):
+    """Bad input to :func:`generate` (raised before any state is touched)."""
+
+
+def _eos_ids(target, eos_token_id) -> set[int]:
+    if eos_token_id is None:
+        gc = getattr(target, "generation_config", None)
+        eos_token_id = getattr(gc, "eos_token_id", None) if gc is not None else None
+    if eos_token_id is None:
+        return set()
+    if isinstance(eos_token_id, int):
+        return {eos_token_id}
+    return {int(e) for e in eos_token_id}
+
+
+class StopChecker:
+    """Finds where AR decoding would have stopped inside a run of newly committed tokens.
+
+    EOS: stop right after the first EOS token. Stop sequences (token-id lists, or strings when a
+    tokenizer is given): stop right after the token that completes the first match, exactly as a
+    token-by-token check would.
+    """
+
+    def __init__(self, eos: set[int], stop=None, tokenizer=None):
+        self.eos = eos
+        self.token_seqs: list[list[int]] = []
+        self.strings: list[str] = []
+        self.tokenizer = tokenizer
+        for s in stop or []:
+            if isinstance(s, str):
+                if tokenizer is None:
+                    raise SpecDecInputError("string stop sequences need generate(..., tokenizer=...)")
+                if not s:
+                    raise SpecDecInputError("empty stop string")
+                self.strings.append(s)
+            else:
+                seq = [int(t) for t in s]
+                if not seq:
+                    raise SpecDecInputError("empty stop token sequence")
+                self.token_seqs.append(seq)
+
+    def cut(self, generated: list[int], n_new: int) -> int | None:
+        """``generated`` ends with ``n_new`` fresh tokens; return how many of them to keep if
+        decoding must stop inside them, else None."""
+        start = len(generated) - n_new
+        for i in range(start, len(generated)):
+            tok = generated[i]
+            if tok in self.eos:
+                return i - start + 1
+            for seq in self.token_seqs:
+                k = len(seq)
+                if i + 1 >= k and generated[i + 1 - k : i + 1] == seq:
+                    return i - start + 1
+            if self.strings:
+                text = self.tokenizer.decode(generated[: i + 1])
+                tail_from = max(0, len(text) - max(len(s) for s in self.strings) - 32)
+                prev = self.tokenizer.decode(generated[:i]) if i > 0 else ""
+                for s in self.strings:
+                    if s in text[tail_from:] and s not in prev:
+                        return i - start + 1
+        return None
+
+
+def _validate(target, input_ids, max_new_tokens, budget) -> Tensor:
+    if not isinstance(input_ids, Tensor):
+        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    if input_ids.dim() != 2:
+        raise SpecDecInputError(f"input_ids must be [B, T] or [T], got shape {tuple(input_ids.shape)}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise SpecDecInputError("empty prompt: input_ids has no tokens")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
+        raise SpecDecInputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not isinstance(budget, int) or budget < 0:
+        raise SpecDecInputError(f"budget must be an int >= 0, got {budget!r}")
+    cfg = target.config.get_text_config() if hasattr(target.config, "get_text_config") else target.config
+    vocab = cfg.vocab_size
+    if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
+        raise SpecDecInputError(f"input_ids contain ids outside the target vocabulary [0, {vocab})")
+    max_pos = getattr(cfg, "max_position_embeddings", None)
+    need = input_ids.shape[1] + max_new_tokens
+    if max_pos is not None and need > max_pos:
+        raise SpecDecInputError(
+            f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {need} exceeds the "
+            f"model's context length ({max_pos})"
+        )
+    return input_ids
+
+
+def default_verifier(device: torch.device):
+    """Triton tree attention on CUDA when available, the SDPA reference elsewhere."""
+    from verifiers import auto_verifier
+
+    return auto_verifier(device)
+
+
+@torch.inference_mode()
+def generate(
+    target,
+    input_ids,
+    *,
+    drafter=None,
+    verifier=None,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    stop: Sequence[Sequence[int] | str] | None = None,
+    generator: torch.Generator | None = None,
+    budget: int = 16,
+    pad_token_id: int | None = None,
+    tokenizer=None,
+    cache: StaticTreeCache | None = None,
+    on_step: Callable[[DecodeState, AcceptResult], None] | None = None,
+) -> GenerateOutput:
+    """Decode ``max_new_tokens`` tokens from ``target``, speculatively when a drafter is given.
+
+    Args:
+        target: HF causal LM (any decoder on the transformers attention interface).
+        input_ids: ``[B, T]`` (or ``[T]``) prompt ids; rows share T (no padding).
+        drafter: a :class:`drafters.Drafter`, or None for plain autoregressive decoding.
+        verifier: ``verifiers.SDPAVerifier()`` / ``TritonTreeVerifier()``; None picks by device.
+        max_new_tokens: > 0.
+        temperature, top_k, top_p: target sampling (temperature 0 = greedy).
+        eos_token_id: defaults to ``target.generation_config.eos_token_id`` (as HF).
+        stop: stop sequences: token-id lists, or strings (needs ``tokenizer``).
+        generator: drives every random draw (drafts and acceptance).
+        budget: at most this many draft nodes per tree (root excluded).
+        pad_token_id: fills rows that stopped early (default: generation config's pad, else EOS, else 0).
+        cache: reuse a preallocated cache (must be large enough); default allocates one per call.
+        on_step: callback after each verify step (streaming, logging). No prints in the loop.
+    Returns:
+        :class:`GenerateOutput` with ``.sequences`` ``[B, T + new]`` and ``.stats``.
+    """
+    input_ids = _validate(target, input_ids, max_new_tokens, budget)
+    sampling = SamplingConfig(float(temperature), top_k, top_p)
+    if not sampling.greedy and top_p is not None and not (0.0 < top_p <= 1.0):
+        raise SpecDecInputError(f"top_p must be in (0, 1], got {top_p}")
+    eos = _eos_ids(target, eos_token_id)
+    stopper = StopChecker(eos, stop, tokenizer)
+    if drafter is None:
+        budget = 0
+    device = next(target.parameters()).device
+    dtype = next(target.parameters()).dtype
+    input_ids = input_ids.to(device)
+    B, T = input_ids.shape
+    verifier = verifier if verifier is not None else default_verifier(device)
+    max_total = T + max_new_tokens + budget + 2  # scratch for the last tree
+    if cache is None:
+        cache = StaticTreeCache(target.config, B, max_total, dtype, device)
+    else:
+        if cache.max_len < max_total or cache.batch_size != B:
+            raise SpecDecInputError(f"cache holds {cache.batch_size}x{cache.max_len}, need {B}x{max_total}")
+        cache.reset()
+    if pad_token_id is None:
+        gc = getattr(target, "generation_config", None)
+        pad_token_id = getattr(gc, "pad_token_id", None) if gc is not None else None
+        if pad_token_id is None:
+            pad_token_id = min(eos) if eos else 0
+
+    timer = StepTimer(device)
+    sequences = torch.full((B, max_total + budget + 2), int(pad_token_id), dtype=torch.long, device=device)
+    sequences[:, :T] = input_ids
+    host_tokens = input_ids.tolist()
+    state = DecodeState(
+        target=target,
+        cache=cache,
+        sequences=sequences,
+        seq_lens=torch.full((B,), T, dtype=torch.long, device=device),
+        host_tokens=host_tokens,
+        prompt_len=T,
+        sampling=sampling,
+        generator=generator,
+        max_total_len=max_total,
+        done=[False] * B,
+    )
+
+    # 0. prefill: the prompt as a causal chain, all of it committed; first token from the last logits
+    timer.mark("prefill")
+    out = tree_forward(
+        target,
+        cache,
+        input_ids,
+        causal_chain_mask(B, T, device),
+        torch.arange(T, device=device).expand(B, T),
+        T,
+        verifier.backend,
+        logits_to_keep=1,
+    )
+    cache.advance(T)
+    last = out.logits[:, -1]
+    first = last.argmax(-1) if sampling.greedy else sample_token(target_probs(last, sampling), generator)
+    sequences[:, T] = first
+    state.seq_lens += 1
+    first_host = first.tolist()
+    for b in range(B):
+        host_tokens[b].append(first_host[b])
+        if stopper.cut(host_tokens[b], 1) is not None or max_new_tokens == 1:
+            state.done[b] = True
+    timer.mark("first_token")
+    if drafter is not None and not all(state.done):
+        drafter.prefill(state)
+    timer.mark("drafter_prefill")
+
+    counters = DepthCounters(max(budget, 1), device)
+    steps = 0
+    row_steps = 0  # verify steps summed over the rows that were still decoding
+    ar = torch.arange(budget + 2, device=device)
+    while not all(state.done):
+        row_steps += state.done.count(False)
+        active = torch.tensor([not d for d in state.done], device=device)
+        # 1. draft
+        timer.mark("draft")
+        if drafter is None:
+            tree = TokenTree.root_only(state.roots)
+        else:
+            tree = drafter.propose(state, budget)
+            if tree.num_nodes > budget + 1:
+                raise RuntimeError(f"{type(drafter).__name__} proposed {tree.num_nodes - 1} draft nodes > budget {budget}")
+        # 2. verify: ONE forward over the whole tree
+        timer.mark("verify")
+        view_len = max(len(t) for t in host_tokens) - 1 + tree.num_nodes
+        logits = verifier(target, tree, cache, view_len)
+        # 3. accept
+        res = accept(tree, logits, sampling, generator)
+        path_len = torch.where(active, res.path_len, torch.zeros_like(res.path_len))
+        # 4. commit accepted K/V (finished rows commit nothing)
+        cache.commit(res.path, path_len)
+        counters.update(tree.depths, tree.valid_mask, res.path_len, active)
+        # 5. append: accepted drafts then the bonus; the one host sync of the step
+        P = res.path.shape[1]
+        nxt = torch.cat([res.path[:, 1:], res.path.new_full((B, 1), -1)], 1)  # node after each path entry
+        new = tree.tokens.gather(1, nxt.clamp(min=0))  # [B, P]
+        new = torch.where(ar[:P].unsqueeze(0) == (res.path_len - 1).unsqueeze(1), res.bonus.unsqueeze(1), new)
+        idx = (state.seq_lens.unsqueeze(1) + ar[:P].unsqueeze(0)).clamp(max=sequences.shape[1] - 1)
+        keep = ar[:P].unsqueeze(0) < path_len.unsqueeze(1)
+        sequences.scatter_(1, idx, torch.where(keep, new, sequences.gather(1, idx)))
+        state.seq_lens += path_len
+        host = torch.cat([path_len.unsqueeze(1), new], 1).tolist()
+        steps += 1
+        new_lists: list[list[int]] = []
+        for b in range(B):
+            if state.done[b]:
+                new_lists.append([])
+                continue
+            n = host[b][0]
+            toks = host[b][1 : 1 + n]
+            room = max_new_tokens - (len(host_tokens[b]) - T)
+            if len(toks) >= room:
+                toks = toks[:room]
+                state.done[b] = True
+            host_tokens[b].extend(toks)
+            c = stopper.cut(host_tokens[b], len(toks))
+            if c is not None:
+                del host_tokens[b][len(host_tokens[b]) - len(toks) + c :]
+                toks = toks[:c]
+                state.done[b] = True
+            new_lists.append(toks)
+        res.new_tokens = new_lists
+        if drafter is not None:
+            drafter.observe(state, res)
+        if on_step is not None:
+            on_step(state, res)
+    timer.mark("end")
+
+    # stats (timings and device counters read once, here)
+    tot = timer.totals()
+    stats = GenerateStats()
+    gen_lens = [len(t) - T for t in host_tokens]
+    stats.new_tokens = sum(gen_lens)
+    stats.prompt_tokens = B * T
+    stats.ttft_s = tot.get("prefill", 0.0)
+    stats.total_s = timer.span("prefill", "end")
+    stats.draft_s = tot.get("draft", 0.0) + tot.get("drafter_prefill", 0.0)
+    stats.verify_s = tot.get("verify", 0.0)
+    stats.verify_steps = steps
+    denom = max(max(gen_lens) - 1, 1)
+    stats.tpot_s = (stats.total_s - stats.ttft_s) / denom
+    drafted, reached, accepted_d = counters.read()
+    stats.drafted_per_depth = drafted[1:]
+    stats.accepted_per_depth = accepted_d[1:]
+    stats.alpha_per_depth = [a / r if r else 0.0 for a, r in zip(accepted_d[1:], reached[1:])]
+    stats.drafted_tokens = sum(drafted)
+    stats.accepted_tokens = sum(accepted_d)
+    stats.alpha = stats.accepted_tokens / stats.drafted_tokens if stats.drafted_tokens else 0.0
+    committed_in_steps = sum(max(g - 1, 0) for g in gen_lens)
+    stats.tau = committed_in_steps / row_steps if row_steps else 0.0
+    stats.tokens_per_s = stats.new_tokens / stats.total_s if stats.total_s > 0 else 0.0
+
+    width = T + max(gen_lens)
+    out_seq = torch.full((B, width), int(pad_token_id), dtype=torch.long)
+    for b in range(B):
+        out_seq[b, : len(host_tokens[b])] = torch.tensor(host_tokens[b])
+    return GenerateOutput(sequences=out_seq.to(device), stats=stats, new_tokens=[t[T:] for t in host_tokens])
