@@ -20,6 +20,8 @@ from, so recursive rejection sampling stays lossless; the frontier keeps the fir
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -31,7 +33,7 @@ from specdec.generate import SpecDecInputError
 from specdec.state import AcceptResult, DecodeState
 from specdec.tree import TokenTree
 
-__all__ = ["DraftModel", "check_same_vocab"]
+__all__ = ["DraftModel", "check_same_vocab", "grow_tree"]
 
 
 def _vocab(model) -> int:
@@ -115,76 +117,117 @@ class DraftModel:
         self._host_len = seq_host
         last = out.logits.gather(1, (cnt - 1).view(B, 1, 1).expand(B, 1, out.logits.shape[-1])).squeeze(1)  # [B, V]
 
-        # 2. expand level by level
-        greedy = state.sampling.greedy
-        toks: list[Tensor] = [roots.view(B, 1)]
-        pars: list[Tensor] = [torch.full((B, 1), -1, dtype=torch.long, device=dev)]
-        probs_rows: list[Tensor] = []
-        frontier = torch.zeros(B, 1, dtype=torch.long, device=dev)  # node ids
-        f_score = torch.zeros(B, 1, device=dev)
-        level_logits = last.unsqueeze(1)  # [B, f, V]
-        used = 0
-        all_tok = roots.view(B, 1)
-        all_par = pars[0]
-        depth_of = [0]
-        for d in range(1, self.depth + 1):
-            f = frontier.shape[1]
-            k = min(self.branching, budget - used)
-            if k <= 0:
-                break
-            if greedy:
-                logp = torch.log_softmax(level_logits.float(), -1)
-                top = torch.topk(logp, k, dim=-1)
-                cand_tok, cand_lp = top.indices, top.values  # [B, f, k]
-                cand_q = None
-            else:
-                q = target_probs(level_logits, state.sampling)  # [B, f, V]
-                g = -torch.log(-torch.log(torch.rand(q.shape, device=dev, generator=state.generator).clamp_(1e-20, 1.0)))
-                cand_tok = torch.topk(torch.log(q) + g, k, dim=-1).indices  # draws without replacement, in order
-                # q_j: q with the earlier draws removed, renormalised
-                removed = torch.zeros_like(q)
-                qs = []
-                for j in range(k):
-                    rem = (q * (1 - removed))
-                    rem = rem / rem.sum(-1, keepdim=True).clamp(min=1e-30)
-                    qs.append(rem)
-                    removed = removed.scatter(-1, cand_tok[..., j : j + 1], 1.0)
-                cand_q = torch.stack(qs, 2)  # [B, f, k, V]
-                cand_lp = torch.zeros(cand_tok.shape, device=dev)
-            cand_par = frontier.unsqueeze(2).expand(B, f, k)
-            score = (f_score.unsqueeze(2) + cand_lp).reshape(B, f * k)
-            keep = min(f * k, budget - used, self.width if d < self.depth else f * k)
-            if greedy and keep < f * k:
-                sel = torch.topk(score, keep, dim=-1).indices.sort(-1).values  # keep BFS order
-            else:
-                sel = torch.arange(keep, device=dev).expand(B, keep)
-            new_tok = cand_tok.reshape(B, f * k).gather(1, sel)
-            new_par = cand_par.reshape(B, f * k).gather(1, sel)
-            new_ids = torch.arange(all_tok.shape[1], all_tok.shape[1] + keep, device=dev).expand(B, keep)
-            if cand_q is not None:
-                V = cand_q.shape[-1]
-                probs_rows.append(cand_q.reshape(B, f * k, V).gather(1, sel.unsqueeze(-1).expand(B, keep, V)))
-            all_tok = torch.cat([all_tok, new_tok], 1)
-            all_par = torch.cat([all_par, new_par], 1)
-            depth_of += [d] * keep
-            used += keep
-            f_score = score.gather(1, sel)
-            frontier = new_ids
-            if d == self.depth or used >= budget:
-                break
-            # forward the new level (draft nodes 1.. sit at slots cache.lengths + node - 1)
-            M = all_tok.shape[1] - 1
-            tree = TokenTree(tokens=all_tok, parents=all_par)
-            anc = tree.ancestor_mask[:, :, 1:]  # [B, M+1, M] ancestry among draft nodes
-            q_nodes = frontier - 1
-            depths = tree.depths[:, 1:] - 1
+        # 2. expand level by level; draft node i (> 0) sits at slot cache.lengths + i - 1 (root committed)
+        view_base = max(seq_host)
+
+        def forward_level(tree: TokenTree, new_tok: Tensor, frontier: Tensor) -> Tensor:
+            M = tree.num_nodes - 1
+            keep = new_tok.shape[1]
+            anc = tree.ancestor_mask[:, 1:, 1:]  # [B, M, M] ancestry among draft nodes
             out = tree_forward(
-                self.model, cache, new_tok, anc.gather(1, frontier.unsqueeze(-1).expand(B, keep, M)), depths,
-                max(seq_host) + M, self.backend, query_nodes=q_nodes,
+                self.model, cache, new_tok, anc.gather(1, (frontier - 1).unsqueeze(-1).expand(B, keep, M)),
+                tree.depths[:, 1:] - 1, view_base + M, self.backend, query_nodes=frontier - 1,
             )
-            level_logits = out.logits
-        draft_probs = None
-        if probs_rows:
-            pr = torch.cat(probs_rows, 1)
-            draft_probs = torch.cat([torch.zeros_like(pr[:, :1]), pr], 1)
-        return TokenTree(tokens=all_tok, parents=all_par, draft_probs=draft_probs)
+            return out.logits
+
+        return grow_tree(
+            roots, last, forward_level, depth=self.depth, branching=self.branching, width=self.width,
+            budget=budget, sampling=state.sampling, generator=state.generator,
+        )
+
+
+def grow_tree(
+    roots: Tensor,
+    first_logits: Tensor,
+    forward_level: Callable[[TokenTree, Tensor, Tensor], Tensor],
+    *,
+    depth: int,
+    branching: int,
+    width: int,
+    budget: int,
+    sampling,
+    generator: torch.Generator | None,
+    threshold: float | None = None,
+) -> TokenTree:
+    """Grow a draft tree level by level from a model's next-token logits (shared by model drafters).
+
+    Args:
+        roots: ``[B]`` last committed tokens (node 0).
+        first_logits: ``[B, V]`` draft logits at the root (predicting depth 1).
+        forward_level: ``(tree so far, new_tok [B, n], node ids [B, n]) -> logits [B, n, V]``: runs
+            the draft on the newest level (its nodes are the last n of the tree).
+        depth: maximum draft levels; branching: children per frontier node; width: frontier kept.
+        budget: at most this many draft nodes.
+        sampling, generator: the target's sampling config and the random source.
+        threshold: dynamic draft length (Draft&Verify, https://arxiv.org/abs/2309.08168; Kangaroo,
+            https://arxiv.org/abs/2404.18911): when every row's most probable child on the newest
+            level is below ``threshold``, that level is the last one (its forward is already paid
+            for; a verify slot is cheap) and no further draft forward runs. Costs one host read
+            per level; ``None`` = fixed depth, no host read.
+    Returns:
+        the :class:`TokenTree` (``draft_probs`` set only for sampling).
+    """
+    B = roots.shape[0]
+    dev = roots.device
+    greedy = sampling.greedy
+    probs_rows: list[Tensor] = []
+    frontier = torch.zeros(B, 1, dtype=torch.long, device=dev)  # node ids
+    f_score = torch.zeros(B, 1, device=dev)
+    level_logits = first_logits.unsqueeze(1)  # [B, f, V]
+    used = 0
+    all_tok = roots.view(B, 1).long()
+    all_par = torch.full((B, 1), -1, dtype=torch.long, device=dev)
+    for d in range(1, depth + 1):
+        f = frontier.shape[1]
+        k = min(branching, budget - used)
+        if k <= 0:
+            break
+        if greedy:
+            logp = torch.log_softmax(level_logits.float(), -1)
+            top = torch.topk(logp, k, dim=-1)
+            cand_tok, cand_lp = top.indices, top.values  # [B, f, k]
+            cand_q = None
+            conf = cand_lp.amax((-1, -2)).exp() if threshold is not None else None  # [B]
+        else:
+            q = target_probs(level_logits, sampling)  # [B, f, V]
+            g = -torch.log(-torch.log(torch.rand(q.shape, device=dev, generator=generator).clamp_(1e-20, 1.0)))
+            cand_tok = torch.topk(torch.log(q) + g, k, dim=-1).indices  # draws without replacement, in order
+            # q_j: q with the earlier draws removed, renormalised
+            removed = torch.zeros_like(q)
+            qs = []
+            for j in range(k):
+                rem = q * (1 - removed)
+                rem = rem / rem.sum(-1, keepdim=True).clamp(min=1e-30)
+                qs.append(rem)
+                removed = removed.scatter(-1, cand_tok[..., j : j + 1], 1.0)
+            cand_q = torch.stack(qs, 2)  # [B, f, k, V]
+            cand_lp = torch.zeros(cand_tok.shape, device=dev)
+            conf = q.amax((-1, -2)) if threshold is not None else None  # [B]
+        cand_par = frontier.unsqueeze(2).expand(B, f, k)
+        score = (f_score.unsqueeze(2) + cand_lp).reshape(B, f * k)
+        keep = min(f * k, budget - used, width if d < depth else f * k)
+        if greedy and keep < f * k:
+            sel = torch.topk(score, keep, dim=-1).indices.sort(-1).values  # keep BFS order
+        else:
+            sel = torch.arange(keep, device=dev).expand(B, keep)
+        new_tok = cand_tok.reshape(B, f * k).gather(1, sel)
+        new_par = cand_par.reshape(B, f * k).gather(1, sel)
+        new_ids = torch.arange(all_tok.shape[1], all_tok.shape[1] + keep, device=dev).expand(B, keep)
+        if cand_q is not None:
+            V = cand_q.shape[-1]
+            probs_rows.append(cand_q.reshape(B, f * k, V).gather(1, sel.unsqueeze(-1).expand(B, keep, V)))
+        all_tok = torch.cat([all_tok, new_tok], 1)
+        all_par = torch.cat([all_par, new_par], 1)
+        used += keep
+        f_score = score.gather(1, sel)
+        frontier = new_ids
+        if d == depth or used >= budget:
+            break
+        if conf is not None and not bool((conf >= threshold).any()):  # the one host read per level
+            break
+        level_logits = forward_level(TokenTree(tokens=all_tok, parents=all_par), new_tok, frontier)
+    draft_probs = None
+    if probs_rows:
+        pr = torch.cat(probs_rows, 1)
+        draft_probs = torch.cat([torch.zeros_like(pr[:, :1]), pr], 1)
+    return TokenTree(tokens=all_tok, parents=all_par, draft_probs=draft_probs)
