@@ -1,0 +1,171 @@
+"""Triton tree attention and KV commit against the torch references (CPU, TRITON_INTERPRET=1).
+
+Sizes are small on purpose: the interpreter runs every program of the grid in Python.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+import specdec
+from drafters import DraftModel, Replay
+from specdec.attention import build_tree_meta, sdpa_tree_attention
+from specdec.cache import StaticTreeCache
+from specdec.tree import TokenTree
+from tests.helpers import hf_greedy, tiny_model
+from verifiers import TritonTreeVerifier
+from verifiers.kernels import kv_commit, tree_attention
+from verifiers.triton_tree import pack_tree_mask, triton_tree_attention
+
+
+def _tree(shape: str, B: int, N: int, gen: torch.Generator) -> TokenTree:
+    """chain / star / random tree of N nodes per row (parents[i] < i)."""
+    if shape == "chain":
+        par = torch.arange(-1, N - 1).expand(B, N).clone()
+    elif shape == "star":
+        par = torch.zeros(B, N, dtype=torch.long)
+    else:
+        par = torch.stack([torch.tensor([0] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, N)]) for _ in range(B)])
+    par[:, 0] = -1
+    return TokenTree(tokens=torch.zeros(B, N, dtype=torch.long), parents=par)
+
+
+def _inputs(B, Hq, Hkv, D, N, prefix, gen, dtype=torch.float32, slack=5, poison=True):
+    """q as a transposed view and k/v as cache views with stride over a larger T_max (as HF hands them)."""
+    L = max(prefix) + N + slack  # view_len
+    T_max = L + 7
+    q = torch.randn(B, N, Hq, D, generator=gen, dtype=dtype).transpose(1, 2)  # [B, Hq, N, D] non-contiguous
+    kv = torch.randn(2, B, Hkv, T_max, D, generator=gen, dtype=dtype)
+    pl = torch.tensor(prefix, dtype=torch.long)
+    for b in range(B if poison else 0):  # slots past prefix + N are never visible: poison them
+        kv[:, b, :, prefix[b] + N :] = float("nan")
+    return q, kv[0, :, :, :L], kv[1, :, :, :L], pl, L
+
+
+def _reference(q, k, v, pl, tree: TokenTree, L, scaling=None, sliding_window=None):
+    """The SDPA reference backend with the dense mask (on un-poisoned K/V: masked NaNs leak into SDPA)."""
+    k, v = k.nan_to_num(0.0), v.nan_to_num(0.0)
+    meta = build_tree_meta(pl, tree.ancestor_mask, tree.depths, None, L, sdpa_tree_attention)
+    return sdpa_tree_attention(None, q, k, v, meta, scaling=scaling, sliding_window=sliding_window)[0], meta
+
+
+# (B, Hq, Hkv, D, N, prefixes, tree shape, num_splits)
+GRID = [
+    (1, 2, 2, 16, 1, [0], "chain", None),  # decode, empty prefix
+    (1, 4, 1, 16, 1, [150], "chain", 3),  # decode, GQA 4:1, split-K over a prefix not a multiple of 64
+    (2, 4, 2, 32, 1, [70, 5], "chain", None),  # decode, per-row prefixes
+    (2, 4, 2, 16, 9, [0, 64], "chain", 1),
+    (2, 4, 2, 16, 9, [13, 64], "star", 2),
+    (1, 8, 2, 32, 17, [100], "random", None),
+    (2, 2, 1, 80, 6, [37, 0], "random", 2),  # head_dim 80: padded to 128 with masking
+    (1, 4, 4, 16, 70, [3], "random", None),  # two mask words
+    (1, 2, 1, 16, 128, [65], "chain", 2),  # N = 128: bit 63 (sign bit) of both words
+    (1, 2, 2, 16, 128, [0], "random", None),
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,D,N,prefix,shape,splits", GRID)
+def test_tree_attention_matches_sdpa(B, Hq, Hkv, D, N, prefix, shape, splits):
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((B, Hq, Hkv, D, N, prefix, shape)).encode()))
+    tree = _tree(shape, B, N, gen)
+    q, k, v, pl, L = _inputs(B, Hq, Hkv, D, N, prefix, gen)
+    ref, _ = _reference(q, k, v, pl, tree, L)
+    out = torch.full((B, N, Hq, D), float("nan"))  # poisoned: every element must be written
+    got = tree_attention(q, k, v, pl, tree.packed_ancestor_mask, N, num_splits=splits, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_tree_attention_queries_subset_and_scale():
+    """n queries != N nodes (a drafter's level-by-level forward), a custom softmax scale."""
+    gen = torch.Generator().manual_seed(11)
+    B, Hq, Hkv, D, N = 2, 4, 2, 16, 12
+    tree = _tree("random", B, N, gen)
+    q_nodes = torch.tensor([[3, 7, 11], [0, 5, 9]])  # [B, n]
+    prefix = [9, 66]
+    _, k, v, pl, L = _inputs(B, Hq, Hkv, D, N, prefix, gen, poison=False)
+    q = torch.randn(B, Hq, 3, D, generator=gen)
+    tmask = tree.ancestor_mask.gather(1, q_nodes.unsqueeze(-1).expand(B, 3, N))  # [B, n, N]
+    meta = build_tree_meta(pl, tmask, tree.depths, q_nodes, L, sdpa_tree_attention)
+    ref = sdpa_tree_attention(None, q, k, v, meta, scaling=0.3)[0]
+    got = tree_attention(q, k, v, pl, pack_tree_mask(tmask), N, scaling=0.3, num_splits=2)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_tree_attention_half_precision():
+    gen = torch.Generator().manual_seed(5)
+    B, Hq, Hkv, D, N = 1, 4, 2, 32, 10
+    tree = _tree("random", B, N, gen)
+    q, k, v, pl, L = _inputs(B, Hq, Hkv, D, N, [45], gen, dtype=torch.float16)
+    ref, _ = _reference(q.float(), k.float(), v.float(), pl, tree, L)
+    got = tree_attention(q, k, v, pl, tree.packed_ancestor_mask, N, num_splits=2)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), ref, atol=3e-3, rtol=3e-3)
+
+
+def test_pack_tree_mask_matches_token_tree():
+    gen = torch.Generator().manual_seed(2)
+    for N in (1, 63, 64, 65, 128):
+        tree = _tree("random", 2, N, gen)
+        assert torch.equal(pack_tree_mask(tree.ancestor_mask), tree.packed_ancestor_mask)
+
+
+def test_backend_packs_missing_mask_and_falls_back_for_sliding_window():
+    gen = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, D, N = 1, 2, 1, 16, 8
+    tree = _tree("chain", B, N, gen)
+    q, k, v, pl, L = _inputs(B, Hq, Hkv, D, N, [20], gen, poison=False)
+    for window in (None, 6):
+        ref, meta = _reference(q, k, v, pl, tree, L, sliding_window=window)
+        meta.backend = triton_tree_attention  # packed_mask is None: the backend packs it
+        got = triton_tree_attention(None, q, k, v, meta, sliding_window=window)[0]
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
+    assert meta.packed_mask is None  # the window call went to the reference
+    plain = _reference(q, k, v, pl, tree, L)[0]
+    assert not torch.allclose(ref, plain)  # the window mattered, so the fallback was exercised
+
+
+def _torch_commit(kv, path, path_len, lengths):
+    B, P = path.shape
+    cache = StaticTreeCache.__new__(StaticTreeCache)
+    cache.kv, cache.lengths, cache.num_layers = kv, lengths.clone(), kv.shape[0]
+    StaticTreeCache.commit(cache, path, path_len)  # CPU: the torch gather / scatter
+
+
+@pytest.mark.parametrize("D", [16, 24])
+def test_kv_commit_matches_torch_gather(D):
+    gen = torch.Generator().manual_seed(D)
+    n_layers, B, H, T = 3, 3, 2, 40
+    kv = torch.randn(n_layers, 2, B, H, T, D, generator=gen)
+    lengths = torch.tensor([5, 0, 17])
+    # row 0: hazard case (slot 2 is both a destination and the source of entry 1); row 1: chain
+    # prefix already in place then a jump; row 2: nothing accepted (-1 padding ignored)
+    path = torch.tensor([[0, 2, 3, 9, 11], [0, 1, 2, 6, -1], [0, -1, -1, -1, -1]])
+    path_len = torch.tensor([5, 4, 0])
+    want = kv.clone()
+    _torch_commit(want, path, path_len, lengths)
+    got = kv.clone()
+    kv_commit(got, path, path_len, lengths)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, kv)
+
+
+def test_greedy_generate_with_triton_verifier_equals_hf(monkeypatch):
+    import verifiers.triton_tree as tt
+
+    calls = []
+    real = tt.tree_attention
+    monkeypatch.setattr(tt, "tree_attention", lambda *a, **kw: calls.append(a[0].shape[2]) or real(*a, **kw))
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(1))
+    new = 16
+    ref = hf_greedy(model, ids, new, eos_token_id=[])
+    cont = ref[0, ids.shape[1] :].tolist()
+    for drafter in (Replay(cont, 0.4, branching=3, seed=2), DraftModel(tiny_model("llama", seed=7), depth=3, branching=2, width=3)):
+        out = specdec.generate(model, ids, drafter=drafter, verifier=TritonTreeVerifier(), max_new_tokens=new, eos_token_id=[], budget=8)
+        assert out.sequences.tolist() == ref.tolist()
+    assert max(calls) > 1 and len(calls) > 2 * model.config.num_hidden_layers  # the kernel ran on real trees

@@ -1,0 +1,72 @@
+"""Triton tree verifier: the SDPA verifier's forward with a fused tree-attention kernel.
+
+Same single target forward as :class:`verifiers.SDPAVerifier` (and the same transformers
+attention-interface plumbing); only the attention backend differs: it reads the tree's
+bit-packed ancestor mask (``TokenTree.packed_ancestor_mask``, ``[B, N, ceil(N/64)]`` int64) and
+never the dense ``[B, 1, n, L]`` mask. See :mod:`verifiers.kernels.tree_attention` for the kernel.
+
+Calls the kernel does not cover go to the SDPA reference, per call (so per layer): sliding-window
+layers, logit soft-capping, more than 128 tree nodes (e.g. a long prompt's prefill chain),
+head_dim > 256, or tensors Triton cannot run on (CPU without the interpreter).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from specdec.attention import TreeAttentionMeta, sdpa_tree_attention
+
+from .kernels.tree_attention import MAX_TREE_NODES, tree_attention
+from .sdpa import SDPAVerifier
+
+__all__ = ["TritonTreeVerifier", "triton_tree_attention", "pack_tree_mask"]
+
+
+def pack_tree_mask(tree_mask: Tensor) -> Tensor:
+    """``[B, n, N]`` bool -> ``[B, n, ceil(N/64)]`` int64 bitset (bit j % 64 of word j // 64)."""
+    B, n, N = tree_mask.shape
+    W = (N + 63) // 64
+    m = torch.nn.functional.pad(tree_mask, (0, W * 64 - N)) if W * 64 != N else tree_mask
+    bits = m.reshape(B, n, W, 64).long()  # [B, n, W, 64]
+    weights = torch.ones(64, dtype=torch.long, device=m.device) << torch.arange(64, device=m.device)
+    return (bits * weights).sum(-1)  # bit 63 lands on the int64 sign bit (two's complement)
+
+
+def _triton_can_run(t: Tensor) -> bool:
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_tree_attention(module, query, key, value, meta: TreeAttentionMeta, scaling=None, sliding_window=None, softcap=None):
+    """Attention backend: query ``[B, Hq, n, D]``, key/value ``[B, Hkv, L_view, D]`` -> ``([B, n, Hq, D], None)``."""
+    n_tree = meta.tree_mask.shape[-1]
+    D = query.shape[-1]
+    if (
+        sliding_window is not None
+        or softcap is not None
+        or n_tree > MAX_TREE_NODES
+        or D > 256
+        or query.shape[1] % key.shape[1]
+        or not _triton_can_run(query)
+    ):
+        return sdpa_tree_attention(module, query, key, value, meta, scaling=scaling, sliding_window=sliding_window, softcap=softcap)
+    packed = meta.packed_mask
+    if packed is None:  # e.g. prefill's causal chain: pack once here (N <= 128 bits per row)
+        packed = pack_tree_mask(meta.tree_mask)
+        meta.packed_mask = packed  # shared by every layer of this forward
+    out = tree_attention(query, key, value, meta.prefix_lens, packed, n_tree, scaling=scaling)
+    return out, None
+
+
+class TritonTreeVerifier(SDPAVerifier):
+    """ONE target forward over all N tree nodes, attention by the Triton tree kernel.
+
+    Drop-in for :class:`~verifiers.SDPAVerifier` (same call, same logits up to float rounding);
+    ``generate(verifier=None)`` picks it on CUDA.
+    """
+
+    name = "triton"
+    backend = staticmethod(triton_tree_attention)
+    uses_packed_mask = True
