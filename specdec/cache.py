@@ -94,6 +94,12 @@ class StaticTreeCache(Cache):
             path_len: ``[B]`` number of valid entries.
         After the call ``lengths += path_len``. One gather and one scatter over all layers.
         """
+        if self.kv.is_cuda:  # one Triton launch for all layers (verifiers.kernels.kv_commit)
+            from verifiers.kernels.kv_commit import kv_commit
+
+            kv_commit(self.kv, path, path_len, self.lengths)
+            self.lengths += path_len
+            return
         B, P = path.shape
         j = torch.arange(P, device=path.device).expand(B, P)
         keep = j < path_len.unsqueeze(1)
