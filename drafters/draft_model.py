@@ -102,18 +102,20 @@ class DraftModel:
             return TokenTree.root_only(roots)
 
         # 1. catch-up: committed tokens the draft has not seen, the root last, as one chain
-        seq_host = [len(t) for t in state.host_tokens]
-        counts = [s - h for s, h in zip(seq_host, self._host_len)]
+        # finished rows feed their last token again and commit nothing (their drafts are ignored)
+        seq_host = [h if done else len(t) for t, h, done in zip(state.host_tokens, self._host_len, state.done)]
+        counts = [max(s - h, 1) for s, h in zip(seq_host, self._host_len)]
+        commit = [s - h for s, h in zip(seq_host, self._host_len)]
         n = max(counts)
         ar = torch.arange(n, device=dev)
-        start = torch.tensor(self._host_len, device=dev)
+        start = torch.tensor([h - (c > s - h) for h, c, s in zip(self._host_len, counts, seq_host)], device=dev)
         idx = (start.unsqueeze(1) + ar).clamp(max=state.sequences.shape[1] - 1)
         chain = state.sequences.gather(1, idx)  # [B, n] (rows with fewer tokens carry padding at the end)
         out = tree_forward(
             self.model, cache, chain, causal_chain_mask(B, n, dev), ar.expand(B, n), max(self._host_len) + n, self.backend
         )
         cnt = torch.tensor(counts, device=dev)
-        cache.advance(cnt)
+        cache.advance(torch.tensor(commit, device=dev))
         self._host_len = seq_host
         last = out.logits.gather(1, (cnt - 1).view(B, 1, 1).expand(B, 1, out.logits.shape[-1])).squeeze(1)  # [B, V]
 

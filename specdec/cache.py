@@ -130,8 +130,8 @@ class StaticTreeCache(Cache):
         k_buf, v_buf = self.kv[layer_idx, 0], self.kv[layer_idx, 1]
         B, H, n, D = key_states.shape
         idx = self._write_slots.view(B, 1, n, 1).expand(B, H, n, D)
-        k_buf.scatter_(2, idx, key_states.to(k_buf.dtype))
-        v_buf.scatter_(2, idx, value_states.to(v_buf.dtype))
+        k_buf.scatter_(2, idx, key_states.detach().to(k_buf.dtype))  # decoding cache: no autograd
+        v_buf.scatter_(2, idx, value_states.detach().to(v_buf.dtype))
         return k_buf[:, :, : self._view_len], v_buf[:, :, : self._view_len]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
