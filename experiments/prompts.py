@@ -77,14 +77,26 @@ def _sharegpt(limit: int | None) -> list[PromptRecord]:
 DATASETS = ("mtbench", "humaneval", "gsm8k", "sharegpt", "jsonl")
 
 
-def load_prompts(name: str, limit: int | None = None, offset: int = 0, path: str | None = None) -> list[PromptRecord]:
+def load_prompts(
+    name: str,
+    limit: int | None = None,
+    offset: int = 0,
+    path: str | None = None,
+    max_turns: int | None = None,
+) -> list[PromptRecord]:
     """Load a prompt set.
 
     Args:
         name: one of ``DATASETS``; ``jsonl`` reads ``path`` (Spec-Bench format).
         limit: at most this many records (after ``offset``).
         offset: skip this many records first (use disjoint ranges for warm-up vs evaluation).
+        path: the file for ``jsonl``.
+        max_turns: keep at most this many turns of each record (None = all).
     """
+    if limit is not None and limit < 0 or offset < 0:
+        raise ValueError(f"limit and offset must be >= 0, got limit={limit}, offset={offset}")
+    if max_turns is not None and max_turns < 1:
+        raise ValueError(f"max_turns must be >= 1 or None, got {max_turns}")
     if name == "mtbench":
         rows = _mtbench()
     elif name == "humaneval":
@@ -95,12 +107,17 @@ def load_prompts(name: str, limit: int | None = None, offset: int = 0, path: str
         rows = _sharegpt(None if limit is None else offset + limit)
     elif name == "jsonl":
         if path is None:
-            raise ValueError("dataset 'jsonl' needs path=...")
+            raise ValueError("dataset 'jsonl' needs path=... (a Spec-Bench-format JSONL file)")
+        if not Path(path).exists():
+            raise FileNotFoundError(f"prompt file {path} not found")
         rows = [PromptRecord(str(r["question_id"]), r.get("category", "jsonl"), list(r["turns"])) for r in _jsonl(Path(path))]
     else:
         raise ValueError(f"unknown prompt set {name!r}; choose from {DATASETS}")
     rows = rows[offset:]
-    return rows if limit is None else rows[:limit]
+    rows = rows if limit is None else rows[:limit]
+    if max_turns is not None:
+        rows = [PromptRecord(r.question_id, r.category, r.turns[:max_turns]) for r in rows]
+    return rows
 
 
 def chat_ids(tokenizer, turns: list[str], answers: list[str] = (), system: str | None = None) -> list[int]:
