@@ -246,7 +246,10 @@ def tree_attention(
     prefix_bound = max(L - n_tree, 0)  # host-side upper bound on every prefix (no device sync)
     p_blocks = triton.cdiv(prefix_bound, BLOCK_N)
     if num_splits is None:
-        want = triton.cdiv(2 * _num_sms(q.device), m_blocks * B * Hkv)
+        # fill the device: two waves of programs for few folded queries (memory-bound), one for many
+        # (compute-bound: more splits only add fp32 partial traffic)
+        waves = 2 if n * G <= 64 else 1
+        want = triton.cdiv(waves * _num_sms(q.device), m_blocks * B * Hkv)
         num_splits = max(1, min(want, triton.cdiv(p_blocks, 4), 64))
     num_splits = max(1, min(int(num_splits), max(p_blocks, 1)))
     chunk = triton.cdiv(p_blocks, num_splits) * BLOCK_N if p_blocks else BLOCK_N
