@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 __all__ = ["tree_attention", "pick_config", "MAX_TREE_NODES", "SUPPORTED_HEAD_DIMS"]
 
@@ -190,12 +191,23 @@ def _num_sms(device: torch.device) -> int:
 
 
 def pick_config(n_q: int, group: int, head_dim: int, dtype: torch.dtype) -> dict:
-    """Block shapes by the folded query count M = n_q * G (tuned on H100, see benchmarks/)."""
+    """Block shapes by the folded query count M = n_q * G.
+
+    From the sweep in ``benchmarks/bench_tree_attention.py`` (H200, Llama-3-8B heads, bf16,
+    prefix 8k; numbers in ``notes/issue5.md``): small M is memory-bound and likes deep pipelining
+    of the K/V tiles; large M is compute-bound and likes 64-row query blocks with 4 warps.
+    """
     m = n_q * group
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-    block_n = 64
-    num_warps = 4 if block_m <= 64 else 8
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=2)
+    if m <= 16:  # decode (N = 1): one 16-row block holds the whole GQA group
+        return dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3)
+    if m <= 64:
+        return dict(BLOCK_M=32 if m <= 32 else 64, BLOCK_N=32, num_warps=4, num_stages=3)
+    if m <= 256:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+
+
+_SAFE_CONFIG = dict(BLOCK_N=32, num_stages=2)  # fallback when a GPU has less shared memory
 
 
 def tree_attention(
@@ -264,16 +276,25 @@ def tree_attention(
     else:
         opart = mpart = lpart = out
     grid = (m_blocks, B * Hkv, num_splits)
-    _tree_attn_fwd[grid](
-        q, k, v, out, packed_mask, prefix_lens,
-        opart, mpart, lpart,
-        scale * _LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *packed_mask.stride(),
-        Hkv, n, n_tree, chunk, num_splits, R,
-        G=G, HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        WRITE_PARTIAL=write_partial, IEEE=q.dtype == torch.float32,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+
+    def launch(block_n, stages):
+        _tree_attn_fwd[grid](
+            q, k, v, out, packed_mask, prefix_lens,
+            opart, mpart, lpart,
+            scale * _LOG2E,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *packed_mask.stride(),
+            Hkv, n, n_tree, chunk, num_splits, R,
+            G=G, HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
+            WRITE_PARTIAL=write_partial, IEEE=q.dtype == torch.float32,
+            num_warps=cfg["num_warps"], num_stages=stages,
+        )
+
+    try:
+        launch(BLOCK_N, cfg["num_stages"])
+    except OutOfResources:  # e.g. 3 stages of 128-key tiles on a GPU with less shared memory
+        if BLOCK_N < _SAFE_CONFIG["BLOCK_N"] or chunk % _SAFE_CONFIG["BLOCK_N"]:
+            raise
+        launch(_SAFE_CONFIG["BLOCK_N"], _SAFE_CONFIG["num_stages"])
     if write_partial:
         if not out.is_contiguous():
             raise ValueError("split-K output must be contiguous [B, n, Hq, D]")
