@@ -163,6 +163,7 @@ class QuantConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    magic: bool = True  # int -> float through the exponent-bits trick (False: plain conversions)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -209,19 +210,48 @@ def default_config(M: int, N: int, K: int, bits: int, group_size: int | None = N
 if _HAS_TRITON:
 
     @triton.jit
+    def _int4_pair(p, MAGIC: tl.constexpr):
+        """Packed bytes (uint8) -> (low, high) nibble values - 8 as fp32.
+
+        MAGIC: build the float from its bits, ``0x4B000000 | n`` is ``2**23 + n``, so one logic op
+        and one add replace an int->float conversion (a quarter-rate instruction on Hopper); the
+        fp16 form of this trick is the one in FasterTransformer's and Marlin's dequantizers.
+        """
+        if MAGIC:
+            w = p.to(tl.int32)
+            lo = ((w & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # 2**23 + 8
+            hi = ((w >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+        else:
+            lo = (p & 0xF).to(tl.float32) - 8.0
+            hi = (p >> 4).to(tl.float32) - 8.0
+        return lo, hi
+
+    @triton.jit
+    def _int8_value(q, MAGIC: tl.constexpr):
+        """int8 -> fp32 (``2**23 + 128 + q`` from its bits, minus ``2**23 + 128``)."""
+        if MAGIC:
+            return (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+        else:
+            return q.to(tl.float32)
+
+    @triton.jit
     def _qgemv_kernel(
         x_ptr, w_ptr, s_ptr, y_ptr,  # x[M, K], w[N, K] int8 | [N, Kp/2] uint8, s[N] | [Kp/G, N], y[M, N]
         N, K, KP, k_per_split,  # KP: padded K (int4) or K (int8); k_per_split: multiple of BLOCK_K
         stride_xm, stride_wn, stride_ym,
         BITS: tl.constexpr, GROUP: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, MAGIC: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         m = tl.program_id(2)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
         mask_n = offs_n < N
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        # 2-D fp32 accumulator: the cross-thread reduction happens once, after the K loop
+        if BITS == 8:
+            acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        else:
+            acc2 = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.float32)
         x_row = x_ptr + m * stride_xm
         k_lo = pid_k * k_per_split
         for i in range(0, k_per_split, BLOCK_K):
@@ -230,26 +260,26 @@ if _HAS_TRITON:
                 offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
                 mk = offs_k < K
                 x = tl.load(x_row + offs_k, mask=mk, other=0.0).to(tl.float32)
-                w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
-                            mask=mask_n[:, None] & mk[None, :], other=0).to(tl.float32)  # [BN, BK]
-                acc += tl.sum(w * x[None, :], axis=1)
+                w = _int8_value(tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
+                                        mask=mask_n[:, None] & mk[None, :], other=0), MAGIC)  # [BN, BK] fp32
+                acc2 += w * x[None, :]
             else:
                 offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # [BK/2] byte columns
                 mb = offs_b < KP // 2
                 p = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_b[None, :],
                             mask=mask_n[:, None] & mb[None, :], other=INT4_OFFSET * 17)  # [BN, BK/2]
-                lo = (p & 0xF).to(tl.float32) - INT4_OFFSET
-                hi = (p >> 4).to(tl.float32) - INT4_OFFSET
+                lo, hi = _int4_pair(p, MAGIC)
                 xe = tl.load(x_row + 2 * offs_b, mask=2 * offs_b < K, other=0.0).to(tl.float32)
                 xo = tl.load(x_row + 2 * offs_b + 1, mask=2 * offs_b + 1 < K, other=0.0).to(tl.float32)
                 prod = lo * xe[None, :] + hi * xo[None, :]  # [BN, BK/2]
-                if BLOCK_K <= GROUP:  # the tile lies in one group: scale the partial sum
+                if BLOCK_K <= GROUP:  # the tile lies in one group: one scale per row
                     s = tl.load(s_ptr + tl.minimum(k0 // GROUP, KP // GROUP - 1) * N + offs_n, mask=mask_n, other=0.0)
-                    acc += tl.sum(prod, axis=1) * s
+                    acc2 += prod * s[:, None]
                 else:  # several groups per tile: scale elementwise
                     g = (2 * offs_b) // GROUP
                     s = tl.load(s_ptr + g[None, :] * N + offs_n[:, None], mask=mask_n[:, None] & mb[None, :], other=0.0)
-                    acc += tl.sum(prod * s, axis=1)
+                    acc2 += prod * s
+        acc = tl.sum(acc2, axis=1)  # [BN]
         if BITS == 8:
             acc *= tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
         if ATOMIC:
@@ -264,7 +294,7 @@ if _HAS_TRITON:
         stride_xm, stride_wn, stride_ym,
         BITS: tl.constexpr, GROUP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        ATOMIC: tl.constexpr, FP32: tl.constexpr,
+        ATOMIC: tl.constexpr, FP32: tl.constexpr, MAGIC: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -282,8 +312,8 @@ if _HAS_TRITON:
                 mk = offs_k < K
                 x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                             mask=mask_m[:, None] & mk[None, :], other=0.0)  # [BM, BK]
-                w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None],
-                            mask=mk[:, None] & mask_n[None, :], other=0).to(x.dtype)  # [BK, BN], exact
+                w = _int8_value(tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None],
+                                        mask=mk[:, None] & mask_n[None, :], other=0), MAGIC).to(x.dtype)  # [BK, BN], exact
                 if FP32:
                     acc += tl.dot(x, w, input_precision="ieee")
                 else:
@@ -296,8 +326,7 @@ if _HAS_TRITON:
                 xo = tl.load(xm + 1, mask=mask_m[:, None] & (2 * offs_b[None, :] + 1 < K), other=0.0)
                 p = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_b[:, None],
                             mask=mb[:, None] & mask_n[None, :], other=INT4_OFFSET * 17)  # [BK/2, BN]
-                lo = (p & 0xF).to(tl.float32) - INT4_OFFSET
-                hi = (p >> 4).to(tl.float32) - INT4_OFFSET
+                lo, hi = _int4_pair(p, MAGIC)
                 if BLOCK_K <= GROUP:  # integers are exact in the activation dtype; scale the product
                     lo = lo.to(xe.dtype)
                     hi = hi.to(xe.dtype)
@@ -350,7 +379,7 @@ def _launch(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, K: int, group
             grid = (triton.cdiv(N, cfg.block_n), split, M)
             _qgemv_kernel[grid](
                 x, qweight, scales, y, N, K, KP, k_per_split, x.stride(0), qweight.stride(0), y.stride(0),
-                BITS=bits, GROUP=G, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ATOMIC=atomic,
+                BITS=bits, GROUP=G, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ATOMIC=atomic, MAGIC=cfg.magic,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
         else:
@@ -358,7 +387,7 @@ def _launch(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, K: int, group
             _qgemm_kernel[grid](
                 x, qweight, scales, y, M, N, K, KP, k_per_split, x.stride(0), qweight.stride(0), y.stride(0),
                 BITS=bits, GROUP=G, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                ATOMIC=atomic, FP32=x.dtype == torch.float32,
+                ATOMIC=atomic, FP32=x.dtype == torch.float32, MAGIC=cfg.magic,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
     return y.to(x.dtype) if atomic else y
