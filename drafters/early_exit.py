@@ -50,7 +50,7 @@ from specdec.tree import TokenTree
 
 from .draft_model import grow_tree
 
-__all__ = ["EarlyExit", "truncated_view", "decoder_stack"]
+__all__ = ["EarlyExit", "decoder_stack", "truncated_view"]
 
 
 def _text_config(model):
