@@ -5,6 +5,7 @@ Sizes are small on purpose: the interpreter runs every program of the grid in Py
 
 from __future__ import annotations
 
+import importlib
 import zlib
 
 import pytest
@@ -169,3 +170,35 @@ def test_greedy_generate_with_triton_verifier_equals_hf(monkeypatch):
         out = specdec.generate(model, ids, drafter=drafter, verifier=TritonTreeVerifier(), max_new_tokens=new, eos_token_id=[], budget=8)
         assert out.sequences.tolist() == ref.tolist()
     assert max(calls) > 1 and len(calls) > 2 * model.config.num_hidden_layers  # the kernel ran on real trees
+
+
+def test_out_of_resources_config_falls_back_once(monkeypatch):
+    """A block config too big for the GPU's shared memory: retried with the safe config, then remembered
+    (a second failing load would break CUDA-graph capture)."""
+    from triton.runtime.errors import OutOfResources
+
+    ta = importlib.import_module("verifiers.kernels.tree_attention")  # the module (the package re-exports a function of that name)
+
+    real = ta._tree_attn_fwd
+    tried = []
+
+    class TooBig:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                tried.append(kw["BLOCK_N"])
+                if kw["BLOCK_N"] == 128:
+                    raise OutOfResources(300000, 232448, "shared memory")
+                return real[grid](*args, **kw)
+
+            return launch
+
+    monkeypatch.setattr(ta, "_tree_attn_fwd", TooBig())
+    monkeypatch.setattr(ta, "_OUT_OF_RESOURCES", set())
+    gen = torch.Generator().manual_seed(9)
+    tree = _tree("random", 1, 4, gen)
+    q, k, v, pl, L = _inputs(1, 2, 1, 16, 4, [40], gen)
+    ref, _ = _reference(q, k, v, pl, tree, L)
+    for _ in range(2):
+        got = ta.tree_attention(q, k, v, pl, tree.packed_ancestor_mask, 4, config=dict(BLOCK_N=128), num_splits=1)
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
+    assert tried == [128, 32, 32]

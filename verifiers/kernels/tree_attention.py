@@ -208,6 +208,7 @@ def pick_config(n_q: int, group: int, head_dim: int, dtype: torch.dtype) -> dict
 
 
 _SAFE_CONFIG = dict(BLOCK_N=32, num_stages=2)  # fallback when a GPU has less shared memory
+_OUT_OF_RESOURCES: set = set()  # launch configs that did not fit, per device / dtype / shape class
 
 
 def tree_attention(
@@ -289,12 +290,15 @@ def tree_attention(
             num_warps=cfg["num_warps"], num_stages=stages,
         )
 
-    try:
-        launch(BLOCK_N, cfg["num_stages"])
-    except OutOfResources:  # e.g. 3 stages of 128-key tiles on a GPU with less shared memory
-        if BLOCK_N < _SAFE_CONFIG["BLOCK_N"] or chunk % _SAFE_CONFIG["BLOCK_N"]:
-            raise
+    key = (q.device.index, q.dtype, D, G, BLOCK_M, BLOCK_N, cfg["num_warps"], cfg["num_stages"], write_partial)
+    if key in _OUT_OF_RESOURCES:  # known too big for this GPU: never retry (a failed load breaks graph capture)
         launch(_SAFE_CONFIG["BLOCK_N"], _SAFE_CONFIG["num_stages"])
+    else:
+        try:
+            launch(BLOCK_N, cfg["num_stages"])
+        except OutOfResources:  # e.g. 3 stages of 128-key tiles on a GPU with less shared memory
+            _OUT_OF_RESOURCES.add(key)
+            launch(_SAFE_CONFIG["BLOCK_N"], _SAFE_CONFIG["num_stages"])
     if write_partial:
         if not out.is_contiguous():
             raise ValueError("split-K output must be contiguous [B, n, Hq, D]")
