@@ -99,8 +99,7 @@ def _group_options(group: str) -> list[str]:
     return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
 
 
-def compose(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
-    """Compose ``conf/config.yaml`` with ``overrides`` in-process (Hydra's compose API)."""
+def _compose_raw(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -108,10 +107,16 @@ def compose(overrides: list[str], return_hydra_config: bool = False) -> DictConf
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        try:
-            return hydra_compose("config", overrides=overrides, return_hydra_config=return_hydra_config)
-        except Exception as e:
-            raise explain(e, overrides) from None
+        return hydra_compose("config", overrides=overrides, return_hydra_config=return_hydra_config)
+
+
+def compose(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
+    """Compose ``conf/config.yaml`` with ``overrides`` in-process (Hydra's compose API); errors
+    come back as one :class:`ConfigError`."""
+    try:
+        return _compose_raw(overrides, return_hydra_config)
+    except Exception as e:
+        raise explain(e, overrides) from None
 
 
 def explain(e: Exception, overrides: list[str]) -> ConfigError:
@@ -141,14 +146,17 @@ def _valid_keys_after(parent: str, overrides: list[str]) -> list[str]:
     keep = []
     try:
         for o in OverridesParser.create().parse_overrides(overrides):
-            if not o.is_sweep_override() and "." not in o.key_or_group and not o.key_or_group.startswith("hydra"):
+            if not o.is_sweep_override() and (CONF_DIR / o.key_or_group).is_dir() and o.key_or_group != "hydra":
                 keep.append(o.input_line)
     except Exception:
         keep = []
     try:
-        cfg = compose(keep)
-    except ConfigError:
-        cfg = compose([])
+        cfg = _compose_raw(keep)
+    except Exception:
+        try:
+            cfg = _compose_raw([])
+        except Exception:
+            return []
     node = OmegaConf.select(cfg, parent) if parent else cfg
     if not isinstance(node, DictConfig):
         return []
@@ -211,7 +219,7 @@ def check_overrides(args: list[str]) -> None:
         try:
             validate(cfg_without_hydra(compose(point)))
         except ConfigError as e:
-            raise ConfigError(f"{e}\n  (in sweep point: {' '.join(f'{k}={v}' for k, v in zip(keys, combo))})") from None
+            raise ConfigError(f"{e} (in sweep point: {' '.join(f'{k}={v}' for k, v in zip(keys, combo))})") from None
 
 
 def cfg_without_hydra(cfg: DictConfig) -> DictConfig:

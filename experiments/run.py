@@ -70,6 +70,8 @@ def build(cfg: DictConfig) -> Setup:
     from hydra.utils import instantiate
 
     validate(cfg)
+    if cfg.threads is not None:
+        torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)
     target, tok = instantiate(cfg.model)
     verifier = instantiate(cfg.verifier) if cfg.verifier is not None else None
