@@ -92,14 +92,18 @@ def tolerance(dtype: torch.dtype) -> float:
     return 1e-4 if dtype == torch.float32 else 1e-2
 
 
+RAGGED_SIZES = [(1000, 1000), (77, 3001), (4099, 4101)]
+RAGGED_FORCED = [QuantConfig(gemv=True, block_n=16, block_k=64, split_k=3),
+                 QuantConfig(gemv=False, block_m=16, block_n=32, block_k=32, split_k=2),
+                 QuantConfig(gemv=False, block_m=64, block_n=128, block_k=256, split_k=1)]
+
+
 def check_ragged(log) -> bool:
     """Ragged shapes, all dtypes, default configs and a few forced ones."""
     gen = torch.Generator(device=DEV).manual_seed(1)
     ok = True
-    forced = [None, QuantConfig(gemv=True, block_n=16, block_k=64, split_k=3),
-              QuantConfig(gemv=False, block_m=16, block_n=32, block_k=32, split_k=2),
-              QuantConfig(gemv=False, block_m=64, block_n=128, block_k=256, split_k=1)]
-    sizes = [(1000, 1000), (77, 3001), (4099, 4101)] if DEV == "cuda" else [(37, 150)]
+    forced = [None, *RAGGED_FORCED]
+    sizes = RAGGED_SIZES if DEV == "cuda" else [(37, 150)]
     dtypes = (torch.bfloat16, torch.float16, torch.float32) if DEV == "cuda" else (torch.float32,)
     for bits, (N, K), dtype, M in itertools.product((8, 4), sizes, dtypes, (1, 3, 16, 64, 100) if DEV == "cuda" else (1, 17)):
         q, s, deq = make_weight(bits, N, K, gen)
@@ -139,6 +143,56 @@ def check_e2e(log) -> bool:
         return False
 
 
+def _warm_task(task) -> str:
+    """Child process: one call of one config, so its compiled kernel lands in Triton's disk cache."""
+    bits, cfg, dtype_name, N, K, M, dev = task
+    try:
+        dtype = getattr(torch, dtype_name)
+        w = torch.randn(N, K, device=dev) * 0.02
+        q, s = quantize_int8(w) if bits == 8 else quantize_int4(w, GROUP)
+        x = torch.randn(M, K, device=dev).to(dtype)
+        quant_matmul(x, q, s, bits, GROUP, cfg)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        return ""
+    except Exception as e:  # the main process meets (and reports) the same error
+        return f"{task}: {type(e).__name__}: {str(e)[:200]}"
+
+
+def prewarm(tasks, jobs: int, log) -> None:
+    """Compile every kernel variant in parallel processes (Triton compiles one at a time per process)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    t = time.time()
+    tasks = sorted(set(tasks), key=str)
+    try:
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
+            errs = [e for e in ex.map(_warm_task, tasks) if e]
+    except Exception as e:  # compiling in the main process is only slower
+        log(f"pre-compilation failed ({type(e).__name__}: {e}); compiling serially")
+        return
+    log(f"pre-compiled {len(tasks)} kernel variants with {jobs} processes in {time.time() - t:.0f} s"
+        + (f"; {len(errs)} failed, e.g. {errs[0]}" if errs else ""))
+
+
+def warm_tasks(args) -> list:
+    """Every (bits, config, dtype, shape class) the run will launch; shapes share Triton's specialisation
+    (all dims multiples of 16 for the Llama shapes, none for the ragged ones)."""
+    tasks = []
+    for bits in (8, 4):
+        for M in MS:
+            cands = {default_config(M, N, K, bits, GROUP) for _, N, K in SHAPES}
+            if not args.no_sweep:
+                cands |= set(candidates(bits, M))
+            tasks += [(bits, c, "bfloat16", 1024, 4096, M) for c in cands]
+        for M in (1, 3, 16, 64, 100):
+            for dt in ("bfloat16", "float16", "float32"):
+                tasks += [(bits, None, dt, N, K, M) for N, K in RAGGED_SIZES]
+            tasks += [(bits, c, "bfloat16", 77, 3001, M) for c in RAGGED_FORCED]
+    return [t + (DEV,) for t in tasks]
+
+
 def bench(fns, warmup: int, rep: int) -> float:
     """Median ms of one call, cycling through ``fns`` (different weight copies)."""
     it = itertools.cycle(fns)
@@ -158,6 +212,7 @@ def main() -> int:
     ap.add_argument("--no-sweep", action="store_true", help="time only the library's default configs")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--rep", type=int, default=40)
+    ap.add_argument("--jobs", type=int, default=12, help="processes that pre-compile the kernels (0: none)")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run under TRITON_INTERPRET=1 (tiny shapes)")
     args = ap.parse_args()
     global DEV, SHAPES, MS
@@ -193,6 +248,8 @@ def main() -> int:
     log(f"device-to-device copy: {copy_bw:.0f} GB/s (read + write)")
     del a, b
 
+    if DEV == "cuda" and args.jobs > 0:
+        prewarm(warm_tasks(args), args.jobs, log)
     all_ok = check_ragged(log)
     all_ok &= check_e2e(log)
 

@@ -267,7 +267,7 @@ if _HAS_TRITON:
                 offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # [BK/2] byte columns
                 mb = offs_b < KP // 2
                 p = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_b[None, :],
-                            mask=mask_n[:, None] & mb[None, :], other=INT4_OFFSET * 17)  # [BN, BK/2]
+                            mask=mask_n[:, None] & mb[None, :], other=0x88)  # [BN, BK/2]
                 lo, hi = _int4_pair(p, MAGIC)
                 xe = tl.load(x_row + 2 * offs_b, mask=2 * offs_b < K, other=0.0).to(tl.float32)
                 xo = tl.load(x_row + 2 * offs_b + 1, mask=2 * offs_b + 1 < K, other=0.0).to(tl.float32)
@@ -325,7 +325,7 @@ if _HAS_TRITON:
                 xe = tl.load(xm, mask=mask_m[:, None] & (2 * offs_b[None, :] < K), other=0.0)  # [BM, BK/2]
                 xo = tl.load(xm + 1, mask=mask_m[:, None] & (2 * offs_b[None, :] + 1 < K), other=0.0)
                 p = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_b[:, None],
-                            mask=mb[:, None] & mask_n[None, :], other=INT4_OFFSET * 17)  # [BK/2, BN]
+                            mask=mb[:, None] & mask_n[None, :], other=0x88)  # [BK/2, BN]
                 lo, hi = _int4_pair(p, MAGIC)
                 if BLOCK_K <= GROUP:  # integers are exact in the activation dtype; scale the product
                     lo = lo.to(xe.dtype)
