@@ -19,7 +19,16 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.tune_selfspec import _csv, load_prompt_ids, machine, markdown_table, run_ar, run_config
+from benchmarks.tune_selfspec import (
+    _csv,
+    dump_prompt_ids,
+    load_prompt_ids,
+    load_target,
+    machine,
+    markdown_table,
+    run_ar,
+    run_config,
+)
 
 DATASETS = ("mtbench", "humaneval", "gsm8k")
 
@@ -34,14 +43,25 @@ def main(argv: list[str] | None = None):
     p.add_argument("--bits", default="8,4")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--gguf", default=None, help="load the target from this GGUF file instead of --model")
+    p.add_argument("--prompt-ids", default=None, help="JSON of pre-tokenized prompts (see --dump-prompt-ids)")
+    p.add_argument("--dump-prompt-ids", default=None, help="write pre-tokenized prompts to this JSON and exit")
     p.add_argument("--out", default="results/bench_selfspec_acceptance.json")
     args = p.parse_args(argv)
     from tqdm import tqdm
 
-    from specdec import load_model
-
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model, tok = load_model(args.model, dtype=torch.float32)
+    if args.dump_prompt_ids:
+        from specdec import load_model
+
+        _, tok = load_model(args.model)
+        dump_prompt_ids(tok, _csv(args.datasets, str), args.limit, args.dump_prompt_ids)
+        return []
+    model, tok = load_target(args.model, "float32", args.device, args.gguf)
     specs = [dict(kind="early_exit", exit_layer=k, depth=args.depth) for k in _csv(args.exit_layers, int)]
     bits = _csv(args.bits, int)
     missing = None
@@ -53,7 +73,7 @@ def main(argv: list[str] | None = None):
             bits = []
     specs += [dict(kind="quantized", bits=b, group_size=args.group_size, depth=args.depth) for b in bits]
     datasets = _csv(args.datasets, str)
-    prompts = {d: load_prompt_ids(tok, d, args.limit) for d in datasets}
+    prompts = {d: load_prompt_ids(tok, d, args.limit, ids_file=args.prompt_ids) for d in datasets}
     bar = tqdm(total=sum(len(v) for v in prompts.values()) * (len(specs) + 1), desc="selfspec acceptance", unit="run")
     results, ar = [], {}
     t0 = time.perf_counter()
@@ -68,7 +88,7 @@ def main(argv: list[str] | None = None):
     bar.close()
     wall = time.perf_counter() - t0
     print(f"\n{args.model}, greedy fp32, {args.limit} prompts/dataset x {args.max_new_tokens} new tokens, chain depth "
-          f"{args.depth}; machine: {machine()}; wall {wall:.0f} s\n")
+          f"{args.depth}; machine: {machine(args.device)}; wall {wall:.0f} s\n")
     print(markdown_table(results, depths=args.depth))
     for d, v in ar.items():
         print(f"AR {d}: {v['t_target_step_ms']:.1f} ms/token, {v['tokens_per_s']:.1f} tok/s")
@@ -79,7 +99,7 @@ def main(argv: list[str] | None = None):
         print(missing)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "machine": machine(), "wall_s": wall, "ar": ar, "todo": missing,
+    out.write_text(json.dumps({"args": vars(args), "machine": machine(args.device), "wall_s": wall, "ar": ar, "todo": missing,
                                "results": [asdict(r) for r in results]}, indent=2))
     print(f"wrote {out}")
     return results

@@ -99,11 +99,38 @@ class ConfigResult:
     extra: dict = field(default_factory=dict)
 
 
-def load_prompt_ids(tokenizer, dataset: str, limit: int, offset: int = 0) -> list[torch.Tensor]:
-    """First turn of each prompt through the chat template, as ``[1, T]`` id tensors."""
+def load_prompt_ids(tokenizer, dataset: str, limit: int, offset: int = 0, ids_file: str | None = None) -> list[torch.Tensor]:
+    """First turn of each prompt through the chat template, as ``[1, T]`` id tensors.
+
+    ``ids_file``: a JSON ``{dataset: [[ids], ...]}`` written by ``--dump-prompt-ids`` (for machines
+    without the prompt packages or the tokenizer).
+    """
+    if ids_file is not None:
+        rows = json.loads(Path(ids_file).read_text())[dataset][offset:]
+        return [torch.tensor([r]) for r in rows[:limit]]
     from experiments.prompts import chat_ids, load_prompts
 
     return [torch.tensor([chat_ids(tokenizer, r.turns[:1])]) for r in load_prompts(dataset, limit=limit, offset=offset)]
+
+
+def dump_prompt_ids(tokenizer, datasets: list[str], limit: int, path: str, offset: int = 0) -> None:
+    data = {d: [t[0].tolist() for t in load_prompt_ids(tokenizer, d, limit, offset)] for d in datasets}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data))
+    print(f"wrote {path}: " + ", ".join(f"{d}={len(v)}" for d, v in data.items()))
+
+
+def load_target(name: str, dtype: str = "float32", device: str = "cpu", gguf: str | None = None):
+    """``(model, tokenizer)``: a packaged name / HF folder / hub id, or a GGUF file (``gguf``)."""
+    if gguf is None:
+        from specdec import load_model
+
+        return load_model(name, dtype=dtype, device=device)
+    from transformers import AutoModelForCausalLM
+
+    g = Path(gguf)
+    model = AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name, dtype=getattr(torch, dtype))
+    return model.to(device).eval(), None
 
 
 def make_drafter(model, spec: dict):
@@ -141,6 +168,7 @@ def run_ar(model, prompts: list[torch.Tensor], max_new_tokens: int, progress=Non
     from specdec import generate
 
     outs, tpot_sum, n, tok, tot = [], 0.0, 0, 0, 0.0
+    generate(model, prompts[0], max_new_tokens=8, eos_token_id=-1)  # warm-up (kernel JIT, allocator)
     for ids in prompts:
         o = generate(model, ids, max_new_tokens=max_new_tokens, eos_token_id=-1)
         outs.append(o.new_tokens[0])
@@ -176,6 +204,7 @@ def run_config(
     res.extra["build_s"] = time.perf_counter() - t0
     if hasattr(drafter.inner, "memory_report"):
         res.extra["memory"] = str(drafter.inner.memory_report())
+    generate(model, prompts[0], drafter=build(model, spec), max_new_tokens=8, budget=budget, eos_token_id=-1)  # warm-up
     committed = draft_s = verify_s = total_s = 0.0
     drafted = accepted = 0
     for ids, ref in zip(prompts, reference):
@@ -231,10 +260,14 @@ def markdown_table(results: list[ConfigResult], depths: int = 6) -> str:
     return "\n".join(rows)
 
 
-def machine() -> str:
+def machine(device: str = "cpu") -> str:
     import os
 
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}"
+    import transformers
+
+    dev = torch.cuda.get_device_name() if str(device).startswith("cuda") else f"CPU ({torch.get_num_threads()} torch threads)"
+    return (f"{dev}, {os.cpu_count()} cores, {platform.machine()}, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}")
 
 
 def _csv(s: str, conv) -> list:
@@ -262,18 +295,26 @@ def main(argv: list[str] | None = None) -> list[ConfigResult]:
     p.add_argument("--budget", type=int, default=None, help="max draft nodes per step (default: fits the tree)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--gguf", default=None, help="load the target from this GGUF file instead of --model")
+    p.add_argument("--prompt-ids", default=None, help="JSON of pre-tokenized prompts (see --dump-prompt-ids)")
+    p.add_argument("--dump-prompt-ids", default=None, help="write pre-tokenized prompts to this JSON and exit")
     p.add_argument("--out", default="results/tune_selfspec.json")
     args = p.parse_args(argv)
     from tqdm import tqdm
 
-    from specdec import load_model
-
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model, tok = load_model(args.model, dtype=args.dtype)
+    if args.dump_prompt_ids:
+        from specdec import load_model
+
+        _, tok = load_model(args.model)
+        dump_prompt_ids(tok, [args.dataset], args.limit, args.dump_prompt_ids, args.offset)
+        return []
+    model, tok = load_target(args.model, args.dtype, args.device, args.gguf)
     n_layers = (model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config).num_hidden_layers
-    prompts = load_prompt_ids(tok, args.dataset, args.limit, args.offset)
+    prompts = load_prompt_ids(tok, args.dataset, args.limit, args.offset, args.prompt_ids)
     shape = dict(depth=args.depth, branching=args.branching, width=args.width)
     specs = [
         dict(kind="early_exit", exit_layer=k, threshold=t, **shape)
@@ -308,7 +349,7 @@ def main(argv: list[str] | None = None) -> list[ConfigResult]:
     bar.close()
     print(f"\nmodel={args.model} ({n_layers} layers) dataset={args.dataset} prompts={len(prompts)} "
           f"new_tokens={args.max_new_tokens} budget={budget}; AR target step {t_target * 1e3:.1f} ms, "
-          f"{ar_tps:.1f} tok/s; machine: {machine()}\n")
+          f"{ar_tps:.1f} tok/s; machine: {machine(args.device)}\n")
     print(markdown_table(results, depths=args.depth))
     best = max(results, key=lambda r: r.est_speedup) if results else None
     if best is not None:
@@ -317,7 +358,7 @@ def main(argv: list[str] | None = None) -> list[ConfigResult]:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "args": vars(args), "machine": machine(), "t_target_step_ms": t_target * 1e3, "ar_tokens_per_s": ar_tps,
+        "args": vars(args), "machine": machine(args.device), "t_target_step_ms": t_target * 1e3, "ar_tokens_per_s": ar_tps,
         "results": [asdict(r) for r in results], "best": best.name if best else None,
     }, indent=2))
     print(f"wrote {out}")
