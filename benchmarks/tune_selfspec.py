@@ -202,9 +202,9 @@ def run_config(
     t0 = time.perf_counter()
     drafter = RunCounters(build(model, spec))
     res.extra["build_s"] = time.perf_counter() - t0
+    generate(model, prompts[0], drafter=drafter.inner, max_new_tokens=8, budget=budget, eos_token_id=-1)  # warm-up
     if hasattr(drafter.inner, "memory_report"):
         res.extra["memory"] = str(drafter.inner.memory_report())
-    generate(model, prompts[0], drafter=build(model, spec), max_new_tokens=8, budget=budget, eos_token_id=-1)  # warm-up
     committed = draft_s = verify_s = total_s = 0.0
     drafted = accepted = 0
     for ids, ref in zip(prompts, reference):
