@@ -128,6 +128,75 @@ def default_verifier(device: torch.device):
     return auto_verifier(device)
 
 
+def verify_step(
+    target,
+    verifier,
+    tree: TokenTree,
+    cache: StaticTreeCache,
+    view_len: int,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None,
+    active: Tensor,
+    sequences: Tensor,
+    seq_lens: Tensor,
+    counters: DepthCounters,
+) -> tuple[AcceptResult, Tensor]:
+    """Steps 2-5a of the loop on the device: verify, accept, commit, append.
+
+    Shared by the eager loop and the CUDA-graph runner (:mod:`specdec.cuda_graph`), which captures
+    it once per tree-size bucket. With greedy acceptance it never reads the device from the host.
+
+    Args:
+        tree: ``N`` nodes; active: ``[B]`` bool rows still decoding (others commit nothing);
+        sequences ``[B, W]`` / seq_lens ``[B]``: the token buffer, appended to in place.
+    Returns:
+        the acceptance result and ``host`` ``[B, 1 + P]`` = ``[path_len, committed tokens...]``,
+        the one tensor the loop reads back.
+    """
+    B = tree.batch_size
+    # 2. verify: ONE forward over the whole tree
+    logits = verifier(target, tree, cache, view_len)
+    # 3. accept
+    res = accept(tree, logits, sampling, generator)
+    path_len = torch.where(active, res.path_len, torch.zeros_like(res.path_len))
+    # 4. commit accepted K/V (finished rows commit nothing)
+    cache.commit(res.path, path_len)
+    counters.update(tree.depths, tree.valid_mask, res.path_len, active)
+    # 5a. append on device: accepted drafts then the bonus
+    P = res.path.shape[1]
+    ar = torch.arange(P, device=sequences.device)
+    nxt = torch.cat([res.path[:, 1:], res.path.new_full((B, 1), -1)], 1)  # node after each path entry
+    new = tree.tokens.gather(1, nxt.clamp(min=0))  # [B, P]
+    new = torch.where(ar.unsqueeze(0) == (res.path_len - 1).unsqueeze(1), res.bonus.unsqueeze(1), new)
+    idx = (seq_lens.unsqueeze(1) + ar.unsqueeze(0)).clamp(max=sequences.shape[1] - 1)
+    keep = ar.unsqueeze(0) < path_len.unsqueeze(1)
+    sequences.scatter_(1, idx, torch.where(keep, new, sequences.gather(1, idx)))
+    seq_lens += path_len
+    return res, torch.cat([path_len.unsqueeze(1), new], 1)
+
+
+def _graph_runner(cuda_graphs, target, verifier, sampling, cache, batch, need_len, budget):
+    """The CUDA-graph runner for this call (:mod:`specdec.cuda_graph`), or None for the eager loop."""
+    if cuda_graphs is False:
+        return None
+    device = next(target.parameters()).device
+    why_not = (
+        "needs a CUDA target" if device.type != "cuda"
+        else "needs greedy decoding (sampling acceptance reads the device per depth)" if not sampling.greedy
+        else "cannot use a caller-provided cache (the runner owns fixed-address buffers)" if cache is not None
+        else None
+    )
+    if why_not is not None:
+        if cuda_graphs:
+            raise SpecDecInputError(f"cuda_graphs=True {why_not}")
+        return None
+    from .cuda_graph import runner_for
+
+    runner = runner_for(target, verifier, verify_step, batch, need_len, budget + 1)
+    runner.strict = bool(cuda_graphs)  # None: a failed capture falls back to eager (with a warning)
+    return runner
+
+
 @torch.inference_mode()
 def generate(
     target,
@@ -147,6 +216,7 @@ def generate(
     tokenizer=None,
     cache: StaticTreeCache | None = None,
     on_step: Callable[[DecodeState, AcceptResult], None] | None = None,
+    cuda_graphs: bool | None = None,
 ) -> GenerateOutput:
     """Decode ``max_new_tokens`` tokens from ``target``, speculatively when a drafter is given.
 
@@ -164,6 +234,9 @@ def generate(
         pad_token_id: fills rows that stopped early (default: generation config's pad, else EOS, else 0).
         cache: reuse a preallocated cache (must be large enough); default allocates one per call.
         on_step: callback after each verify step (streaming, logging). No prints in the loop.
+        cuda_graphs: replay steps 2-5a as CUDA graphs, one per tree-size bucket
+            (:mod:`specdec.cuda_graph`). ``None`` (default): on for CUDA with greedy decoding and no
+            ``cache`` passed in; ``True``: required (raises where unsupported); ``False``: eager.
     Returns:
         :class:`GenerateOutput` with ``.sequences`` ``[B, T + new]`` and ``.stats``.
     """
@@ -175,13 +248,18 @@ def generate(
     stopper = StopChecker(eos, stop, tokenizer)
     if drafter is None:
         budget = 0
+    elif hasattr(drafter, "check"):
+        drafter.check(target)  # e.g. vocabulary mismatch: raise before any state is touched
     device = next(target.parameters()).device
     dtype = next(target.parameters()).dtype
     input_ids = input_ids.to(device)
     B, T = input_ids.shape
     verifier = verifier if verifier is not None else default_verifier(device)
     max_total = T + max_new_tokens + budget + 2  # scratch for the last tree
-    if cache is None:
+    graphs = _graph_runner(cuda_graphs, target, verifier, sampling, cache, B, T + max_new_tokens, budget)
+    if graphs is not None:
+        cache = graphs.cache  # reset below together with the runner's other buffers
+    elif cache is None:
         cache = StaticTreeCache(target.config, B, max_total, dtype, device)
     else:
         if cache.max_len < max_total or cache.batch_size != B:
@@ -194,14 +272,20 @@ def generate(
             pad_token_id = min(eos) if eos else 0
 
     timer = StepTimer(device)
-    sequences = torch.full((B, max_total + budget + 2), int(pad_token_id), dtype=torch.long, device=device)
-    sequences[:, :T] = input_ids
+    if graphs is not None:  # fixed-address buffers owned by the runner
+        graphs.reset(input_ids, int(pad_token_id))
+        sequences, seq_lens, counters = graphs.sequences, graphs.seq_lens, graphs.counters
+    else:
+        sequences = torch.full((B, max_total + budget + 2), int(pad_token_id), dtype=torch.long, device=device)
+        sequences[:, :T] = input_ids
+        seq_lens = torch.full((B,), T, dtype=torch.long, device=device)
+        counters = DepthCounters(max(budget, 1), device)
     host_tokens = input_ids.tolist()
     state = DecodeState(
         target=target,
         cache=cache,
         sequences=sequences,
-        seq_lens=torch.full((B,), T, dtype=torch.long, device=device),
+        seq_lens=seq_lens,
         host_tokens=host_tokens,
         prompt_len=T,
         sampling=sampling,
@@ -237,41 +321,34 @@ def generate(
         drafter.prefill(state)
     timer.mark("drafter_prefill")
 
-    counters = DepthCounters(max(budget, 1), device)
     steps = 0
     row_steps = 0  # verify steps summed over the rows that were still decoding
-    ar = torch.arange(budget + 2, device=device)
     while not all(state.done):
         row_steps += state.done.count(False)
-        active = torch.tensor([not d for d in state.done], device=device)
+        active_host = [not d for d in state.done]
         # 1. draft
         timer.mark("draft")
         if drafter is None:
-            tree = TokenTree.root_only(state.roots)
+            tree = None if graphs is not None else TokenTree.root_only(state.roots)  # graph gathers the root itself
         else:
             tree = drafter.propose(state, budget)
             if tree.num_nodes > budget + 1:
                 raise RuntimeError(f"{type(drafter).__name__} proposed {tree.num_nodes - 1} draft nodes > budget {budget}")
-        # 2. verify: ONE forward over the whole tree
+        # 2.-5a. verify (ONE forward), accept, commit, append on device: see verify_step;
+        # one graph replay when captured (tree padded to its bucket), else eager
         timer.mark("verify")
-        view_len = max(len(t) for t in host_tokens) - 1 + tree.num_nodes
-        logits = verifier(target, tree, cache, view_len)
-        # 3. accept
-        res = accept(tree, logits, sampling, generator)
-        path_len = torch.where(active, res.path_len, torch.zeros_like(res.path_len))
-        # 4. commit accepted K/V (finished rows commit nothing)
-        cache.commit(res.path, path_len)
-        counters.update(tree.depths, tree.valid_mask, res.path_len, active)
-        # 5. append: accepted drafts then the bonus; the one host sync of the step
-        P = res.path.shape[1]
-        nxt = torch.cat([res.path[:, 1:], res.path.new_full((B, 1), -1)], 1)  # node after each path entry
-        new = tree.tokens.gather(1, nxt.clamp(min=0))  # [B, P]
-        new = torch.where(ar[:P].unsqueeze(0) == (res.path_len - 1).unsqueeze(1), res.bonus.unsqueeze(1), new)
-        idx = (state.seq_lens.unsqueeze(1) + ar[:P].unsqueeze(0)).clamp(max=sequences.shape[1] - 1)
-        keep = ar[:P].unsqueeze(0) < path_len.unsqueeze(1)
-        sequences.scatter_(1, idx, torch.where(keep, new, sequences.gather(1, idx)))
-        state.seq_lens += path_len
-        host = torch.cat([path_len.unsqueeze(1), new], 1).tolist()
+        step = graphs.step(tree, active_host) if graphs is not None else None
+        if step is None:
+            tree = tree if tree is not None else TokenTree.root_only(state.roots)
+            active = torch.tensor(active_host, device=device)
+            view_len = max(len(t) for t in host_tokens) - 1 + tree.num_nodes
+            step = verify_step(target, verifier, tree, cache, view_len, sampling, generator, active, sequences,
+                               state.seq_lens, counters)
+        res, host_t = step
+        if graphs is not None and drafter is not None:  # static output buffers: the drafter gets its own copy
+            res = AcceptResult(path=res.path.clone(), path_len=res.path_len.clone(), bonus=res.bonus.clone())
+        # 5. the one host sync of the step: accepted length + tokens; EOS/stop on the host
+        host = host_t.tolist()
         steps += 1
         new_lists: list[list[int]] = []
         for b in range(B):
@@ -311,7 +388,7 @@ def generate(
     stats.verify_steps = steps
     denom = max(max(gen_lens) - 1, 1)
     stats.tpot_s = (stats.total_s - stats.ttft_s) / denom
-    drafted, reached, accepted_d = counters.read()
+    drafted, reached, accepted_d = (c[: max(budget, 1) + 1] for c in counters.read())  # runner's are deeper
     stats.drafted_per_depth = drafted[1:]
     stats.accepted_per_depth = accepted_d[1:]
     stats.alpha_per_depth = [a / r if r else 0.0 for a, r in zip(accepted_d[1:], reached[1:])]
