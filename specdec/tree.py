@@ -23,7 +23,21 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-__all__ = ["TokenTree"]
+__all__ = ["TokenTree", "pack_bits"]
+
+
+def pack_bits(mask: Tensor) -> Tensor:
+    """``[..., N]`` bool -> ``[..., ceil(N / 64)]`` int64 bitset: bit (j % 64) of word j // 64.
+
+    Bit 63 lands on the int64 sign bit (two's complement), which is what the kernels read.
+    """
+    N = mask.shape[-1]
+    W = (N + 63) // 64
+    if W * 64 != N:
+        mask = torch.nn.functional.pad(mask, (0, W * 64 - N))
+    bits = mask.reshape(*mask.shape[:-1], W, 64).long()
+    weights = torch.ones(64, dtype=torch.long, device=mask.device) << torch.arange(64, device=mask.device)
+    return (bits * weights).sum(-1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -205,16 +219,7 @@ class TokenTree:
     def packed_ancestor_mask(self) -> Tensor:
         """``[B, N, W]`` int64 with W = ceil(N / 64): bit (j % 64) of word j // 64 of row i is set
         iff j is i or an ancestor of i. This is the form the Triton kernel reads."""
-        m = self.ancestor_mask
-        B, N, _ = m.shape
-        W = (N + 63) // 64
-        pad = W * 64 - N
-        if pad:
-            m = torch.nn.functional.pad(m, (0, pad))
-        bits = m.reshape(B, N, W, 64).long()
-        weights = torch.ones(64, dtype=torch.long, device=m.device) << torch.arange(64, device=m.device)
-        # bit 63 wraps to the sign bit of int64, which is exactly the two's-complement word we want
-        return (bits * weights).sum(-1)
+        return pack_bits(self.ancestor_mask)
 
     @cached_property
     def children_count(self) -> Tensor:

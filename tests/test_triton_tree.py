@@ -108,13 +108,6 @@ def test_tree_attention_half_precision():
     torch.testing.assert_close(got.float(), ref, atol=3e-3, rtol=3e-3)
 
 
-def test_pack_tree_mask_matches_token_tree():
-    gen = torch.Generator().manual_seed(2)
-    for N in (1, 63, 64, 65, 128):
-        tree = _tree("random", 2, N, gen)
-        assert torch.equal(pack_tree_mask(tree.ancestor_mask), tree.packed_ancestor_mask)
-
-
 def test_backend_packs_missing_mask_and_falls_back_for_sliding_window():
     gen = torch.Generator().manual_seed(3)
     B, Hq, Hkv, D, N = 1, 2, 1, 16, 8

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from specdec.attention import TreeAttentionMeta, sdpa_tree_attention
+from specdec.tree import pack_bits
 
 from .kernels.tree_attention import MAX_TREE_NODES, tree_attention
 from .sdpa import SDPAVerifier
@@ -26,13 +27,8 @@ __all__ = ["TritonTreeVerifier", "triton_tree_attention", "pack_tree_mask"]
 
 
 def pack_tree_mask(tree_mask: Tensor) -> Tensor:
-    """``[B, n, N]`` bool -> ``[B, n, ceil(N/64)]`` int64 bitset (bit j % 64 of word j // 64)."""
-    B, n, N = tree_mask.shape
-    W = (N + 63) // 64
-    m = torch.nn.functional.pad(tree_mask, (0, W * 64 - N)) if W * 64 != N else tree_mask
-    bits = m.reshape(B, n, W, 64).long()  # [B, n, W, 64]
-    weights = torch.ones(64, dtype=torch.long, device=m.device) << torch.arange(64, device=m.device)
-    return (bits * weights).sum(-1)  # bit 63 lands on the int64 sign bit (two's complement)
+    """``[B, n, N]`` bool -> ``[B, n, ceil(N/64)]`` int64 bitset (see :func:`specdec.tree.pack_bits`)."""
+    return pack_bits(tree_mask)
 
 
 def _triton_can_run(t: Tensor) -> bool:
