@@ -179,6 +179,14 @@ def _graph_runner(cuda_graphs, target, verifier, sampling, cache, batch, need_le
     """The CUDA-graph runner for this call (:mod:`specdec.cuda_graph`), or None for the eager loop."""
     if cuda_graphs is False:
         return None
+    from .cuda_graph import CUDAGraphRunner, runner_for
+
+    if isinstance(cuda_graphs, CUDAGraphRunner):  # caller-managed runner (own buckets, shared buffers)
+        if not cuda_graphs.fits(target, verifier, batch, need_len, budget + 1):
+            raise SpecDecInputError("the given CUDAGraphRunner does not fit this call (model, verifier, batch or length)")
+        if not sampling.greedy or cache is not None:
+            raise SpecDecInputError("a CUDAGraphRunner needs greedy decoding and no caller-provided cache")
+        return cuda_graphs
     device = next(target.parameters()).device
     why_not = (
         "needs a CUDA target" if device.type != "cuda"
@@ -190,8 +198,6 @@ def _graph_runner(cuda_graphs, target, verifier, sampling, cache, batch, need_le
         if cuda_graphs:
             raise SpecDecInputError(f"cuda_graphs=True {why_not}")
         return None
-    from .cuda_graph import runner_for
-
     runner = runner_for(target, verifier, verify_step, batch, need_len, budget + 1)
     runner.strict = bool(cuda_graphs)  # None: a failed capture falls back to eager (with a warning)
     return runner
@@ -216,7 +222,7 @@ def generate(
     tokenizer=None,
     cache: StaticTreeCache | None = None,
     on_step: Callable[[DecodeState, AcceptResult], None] | None = None,
-    cuda_graphs: bool | None = None,
+    cuda_graphs=None,
 ) -> GenerateOutput:
     """Decode ``max_new_tokens`` tokens from ``target``, speculatively when a drafter is given.
 
@@ -236,7 +242,9 @@ def generate(
         on_step: callback after each verify step (streaming, logging). No prints in the loop.
         cuda_graphs: replay steps 2-5a as CUDA graphs, one per tree-size bucket
             (:mod:`specdec.cuda_graph`). ``None`` (default): on for CUDA with greedy decoding and no
-            ``cache`` passed in; ``True``: required (raises where unsupported); ``False``: eager.
+            ``cache`` passed in; ``True``: required (raises where unsupported); ``False``: eager; or a
+            :class:`~specdec.cuda_graph.CUDAGraphRunner` to use (own buckets; ``capture=False`` runs
+            the same padded static-buffer steps eagerly, e.g. on CPU).
     Returns:
         :class:`GenerateOutput` with ``.sequences`` ``[B, T + new]`` and ``.stats``.
     """

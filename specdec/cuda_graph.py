@@ -1,0 +1,337 @@
+"""CUDA-graph captured decode steps: one graph per tree-size bucket over fixed-address buffers.
+
+Why: at batch 1 a decode step is a few hundred small kernels (norms, projections, rotary, attention,
+acceptance, commit); launching them one by one from Python costs more than the GPU work itself on
+small models and ~10x the weight-read time on 8B with HF ``generate``. Replaying a captured graph
+launches them all with one call (gpt-fast, https://github.com/pytorch-labs/gpt-fast: static KV cache
++ ``torch.compile(mode="reduce-overhead")``; vLLM's ``CUDAGraphRunner``: one graph per padded batch
+size, captured largest first into one shared memory pool, inputs copied into static buffers).
+
+What is captured (greedy acceptance only; everything here is device work, no host read)::
+
+    tree (static buffers, padded to the bucket)      # tokens/parents/valid [B, n_bucket]
+    2. verify : ONE target forward over the tree     # view_len = cache.max_len (fixed)
+    3. accept : greedy, vectorised                   # path [B, n], path_len [B], bonus [B]
+    4. commit : accepted K/V -> contiguous slots     # one Triton launch (verifiers.kernels.kv_commit)
+    5a. append: tokens into ``sequences``, ``seq_lens += path_len``, depth counters, and the
+        ``[B, 1 + n]`` row ``[path_len, new tokens...]`` that the engine reads back: the ONE host sync.
+
+Glossary: *bucket* = a captured tree size ``n`` (default 1, 2, 4, ..., 128); a tree of N nodes is
+padded to the smallest bucket >= N with invalid nodes hanging off the root (never accepted, see
+:meth:`TokenTree.pad_to`). *root-only* graph = the autoregressive step (drafter ``None``): its
+single token (the last committed one) is gathered from ``sequences`` inside the graph, so an AR
+step copies nothing in.
+
+Fixed ``view_len``: every captured step lets attention see all ``max_len`` slots. With the Triton
+tree kernel the cost follows the real prefix lengths (read on device; programs past a row's prefix
+exit at once); with the SDPA reference the masked tail costs bandwidth but changes nothing.
+
+Capture is side-effect free: warm-up and capture run with every row marked inactive, so the step
+commits nothing (``path_len`` masked to 0) and only scratch slots past the committed length are
+written, which the next step overwrites anyway (gpt-fast's no-rollback cache). Buckets are captured
+lazily, the first time a tree of that size shows up.
+
+Model-based drafters' own forwards (DraftModel / QuantizedCopy / EarlyExit levels) are not captured
+here yet: they run eagerly between the replays (see ``docs/gpu.md``).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .cache import StaticTreeCache
+from .metrics import DepthCounters
+from .state import AcceptResult, SamplingConfig
+from .tree import TokenTree
+
+__all__ = ["DEFAULT_BUCKETS", "bucket_for", "pad_to_bucket", "CUDAGraphRunner", "runner_for", "StepFn"]
+
+DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+
+# step_fn(target, verifier, tree, cache, view_len, sampling, generator, active, sequences, seq_lens, counters)
+#   -> (AcceptResult, host [B, 1 + n] int64)       (specdec.generate.verify_step)
+StepFn = Callable[..., "tuple[AcceptResult, Tensor]"]
+
+
+def bucket_for(n: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> int | None:
+    """Smallest bucket ``>= n`` (``None`` when the tree is larger than every bucket)."""
+    if n < 1:
+        raise ValueError(f"a tree has at least one node (the root), got {n}")
+    for b in sorted(buckets):
+        if b >= n:
+            return b
+    return None
+
+
+def pad_to_bucket(tree: TokenTree, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> TokenTree:
+    """``tree`` padded to its bucket with never-accepted nodes (unchanged if it has no bucket)."""
+    b = bucket_for(tree.num_nodes, buckets)
+    return tree if b is None else tree.pad_to(b)
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+@dataclass
+class _Bucket:
+    """Static buffers of one captured tree size ``n`` (fixed addresses for the graph's lifetime)."""
+
+    n: int
+    root_only: bool
+    tokens: Tensor  # [B, n] in
+    parents: Tensor  # [B, n] in
+    valid: Tensor  # [B, n] in (bool)
+    path: Tensor  # [B, n] out: accepted node ids, root first, -1 past path_len
+    path_len: Tensor  # [B] out
+    bonus: Tensor  # [B] out
+    host: Tensor  # [B, 1 + n] out: [path_len, committed tokens...] (read back by the engine)
+    graph: "torch.cuda.CUDAGraph | None" = None
+    replays: int = 0
+
+
+@dataclass
+class RunnerStats:
+    captures: dict[int, float] = field(default_factory=dict)  # bucket -> capture seconds (warm-up included)
+    replays: dict[int, int] = field(default_factory=dict)  # bucket -> replays
+    eager_steps: int = 0  # steps that ran eagerly (tree larger than every bucket)
+
+
+class CUDAGraphRunner:
+    """Owns the decode buffers of one (target, batch, max_len) and the graphs captured over them.
+
+    Args:
+        target: HF causal LM (held weakly: the runner is cached per model, see :func:`runner_for`).
+        verifier: the verifier whose forward is captured (Triton tree kernel or SDPA reference).
+        step_fn: the engine's device step (:func:`specdec.generate.verify_step`).
+        batch_size, max_len: the cache holds ``batch_size x max_len`` slots.
+        buckets: captured tree sizes.
+        capture: ``False`` runs the same static-buffer step eagerly (CPU tests of the padding and
+            buffer logic; no CUDA needed).
+    Buffers (fixed addresses, reused by every ``generate`` call that fits):
+        cache: :class:`StaticTreeCache`; sequences ``[B, max_len + max_bucket + 2]``; seq_lens ``[B]``;
+        counters: :class:`DepthCounters` over depths ``0 .. max_bucket - 1``; active ``[B]`` bool.
+    """
+
+    def __init__(self, target, verifier, step_fn: StepFn, batch_size: int, max_len: int,
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, capture: bool = True):
+        p = next(target.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        if capture and self.device.type != "cuda":
+            raise ValueError("CUDA graphs need the target on a CUDA device")
+        self._target = weakref.ref(target)
+        self.verifier = verifier
+        self.step_fn = step_fn
+        self.buckets = tuple(sorted(set(int(b) for b in buckets)))
+        self.max_bucket = self.buckets[-1]
+        self.batch_size = int(batch_size)
+        self.max_len = int(max_len)
+        self.capture = capture
+        B, dev = self.batch_size, self.device
+        self.cache = StaticTreeCache(target.config, B, self.max_len, self.dtype, dev)
+        self.sequences = torch.zeros(B, self.max_len + self.max_bucket + 2, dtype=torch.long, device=dev)  # [B, W]
+        self.seq_lens = torch.zeros(B, dtype=torch.long, device=dev)  # [B]
+        self.counters = DepthCounters(self.max_bucket - 1, dev)
+        self.active = torch.ones(B, dtype=torch.bool, device=dev)  # [B]
+        self._active_host: tuple[bool, ...] = (True,) * B
+        self._buckets: dict[tuple[int, bool], _Bucket] = {}
+        self._pool = torch.cuda.graph_pool_handle() if capture else None
+        self.stats = RunnerStats()
+        self.greedy = SamplingConfig()
+        self.strict = True  # False: a failed capture disables the graphs (eager steps, one warning)
+        self.disabled: str | None = None  # why capture failed, when it did
+
+    # ------------------------------------------------------------------ per generate() call
+    def fits(self, target, verifier, batch_size: int, need_len: int, max_nodes: int) -> bool:
+        """Can a call with ``need_len`` committed tokens at most and trees of ``max_nodes`` use this runner?"""
+        nb = bucket_for(max_nodes, self.buckets) or max_nodes
+        return (
+            self._target() is target
+            and type(verifier) is type(self.verifier)
+            and batch_size == self.batch_size
+            and need_len + nb + 1 <= self.max_len
+            and next(target.parameters()).dtype == self.dtype
+        )
+
+    def reset(self, input_ids: Tensor, pad_token_id: int) -> None:
+        """Start a call: empty cache, ``sequences = prompt + pad``, ``seq_lens = T``, counters zeroed."""
+        B, T = input_ids.shape
+        self.cache.reset()
+        self.sequences.fill_(int(pad_token_id))
+        self.sequences[:, :T] = input_ids
+        self.seq_lens.fill_(T)
+        for t in (self.counters.drafted, self.counters.reached, self.counters.accepted):
+            t.zero_()
+        self.set_active([True] * B)
+
+    def set_active(self, active: list[bool]) -> None:
+        """Rows still decoding; copied to the device only when it changed (rows finishing)."""
+        a = tuple(bool(x) for x in active)
+        if a != self._active_host:
+            self.active.copy_(torch.tensor(a, dtype=torch.bool), non_blocking=False)
+            self._active_host = a
+
+    # ------------------------------------------------------------------ the step
+    def step(self, tree: TokenTree | None, active: list[bool]) -> tuple[AcceptResult, Tensor] | None:
+        """Steps 2-5a for ``tree`` (``None``: the autoregressive root-only step).
+
+        Returns ``(AcceptResult, host [B, 1 + n])`` whose tensors are the runner's static output
+        buffers (valid until the next step), or ``None`` when the tree fits no bucket (the caller
+        then runs the step eagerly on the same buffers).
+        """
+        self.set_active(active)
+        nb = 1 if tree is None else bucket_for(tree.num_nodes, self.buckets)
+        if nb is None or self.disabled is not None:
+            self.stats.eager_steps += 1
+            return None
+        try:
+            b = self._bucket(nb, root_only=tree is None)
+        except Exception as e:  # capture failed (e.g. a host sync inside some model's forward)
+            if self.strict:
+                raise
+            import warnings
+
+            self.disabled = f"{type(e).__name__}: {e}"
+            warnings.warn(f"CUDA-graph capture failed, decoding eagerly: {self.disabled}", RuntimeWarning, stacklevel=3)
+            self.stats.eager_steps += 1
+            return None
+        if tree is not None:
+            self._load(b, tree)
+        if b.graph is not None:
+            b.graph.replay()
+        else:
+            self._run(b)
+        b.replays += 1
+        return AcceptResult(path=b.path, path_len=b.path_len, bonus=b.bonus), b.host
+
+    def _load(self, b: _Bucket, tree: TokenTree) -> None:
+        """Copy a tree into the bucket's static inputs; the tail becomes padding off the root."""
+        n = tree.num_nodes
+        b.tokens[:, :n].copy_(tree.tokens)
+        b.parents[:, :n].copy_(tree.parents)
+        if tree.valid is None:
+            b.valid[:, :n].fill_(True)
+        else:
+            b.valid[:, :n].copy_(tree.valid)
+        if n < b.n:  # padding: invalid children of the root (tokens left stale: never accepted)
+            b.parents[:, n:].fill_(0)
+            b.valid[:, n:].fill_(False)
+
+    def _run(self, b: _Bucket) -> None:
+        """The captured function: static inputs -> static outputs (all device work)."""
+        if b.root_only:  # the last committed token, gathered on device
+            b.tokens.copy_(self.sequences.gather(1, (self.seq_lens - 1).unsqueeze(1)))  # [B, 1]
+        tree = TokenTree(tokens=b.tokens, parents=b.parents, valid=b.valid)
+        target = self._target()
+        res, host = self.step_fn(
+            target, self.verifier, tree, self.cache, self.max_len, self.greedy, None,
+            self.active, self.sequences, self.seq_lens, self.counters,
+        )
+        b.path.copy_(res.path)
+        b.path_len.copy_(res.path_len)
+        b.bonus.copy_(res.bonus)
+        b.host.copy_(host)
+
+    def _bucket(self, n: int, root_only: bool) -> _Bucket:
+        key = (n, root_only)
+        b = self._buckets.get(key)
+        if b is not None:
+            return b
+        B, dev = self.batch_size, self.device
+        parents = torch.zeros(B, n, dtype=torch.long, device=dev)
+        parents[:, 0] = -1
+        valid = torch.zeros(B, n, dtype=torch.bool, device=dev)
+        valid[:, 0] = True
+        b = _Bucket(
+            n=n, root_only=root_only,
+            tokens=torch.zeros(B, n, dtype=torch.long, device=dev), parents=parents, valid=valid,
+            path=torch.zeros(B, n, dtype=torch.long, device=dev),
+            path_len=torch.zeros(B, dtype=torch.long, device=dev),
+            bonus=torch.zeros(B, dtype=torch.long, device=dev),
+            host=torch.zeros(B, 1 + n, dtype=torch.long, device=dev),
+        )
+        if self.capture:
+            self._capture(b)
+        self._buckets[key] = b
+        return b
+
+    @torch.inference_mode()
+    def _capture(self, b: _Bucket) -> None:
+        """Warm up (Triton JIT, allocator) on a side stream, then capture; all rows inactive."""
+        import time
+
+        t0 = time.perf_counter()
+        saved = self._active_host
+        self.active.fill_(False)  # side-effect free: nothing is committed or appended
+        try:
+            s = torch.cuda.Stream(self.device)
+            s.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    self._run(b)
+            torch.cuda.current_stream(self.device).wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self._pool):
+                self._run(b)
+            b.graph = g
+        finally:
+            self.active.copy_(torch.tensor(saved, dtype=torch.bool))
+        torch.cuda.synchronize(self.device)
+        self.stats.captures[b.n if not b.root_only else 0] = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ benchmarks
+    def time_bucket(self, n: int, prefix_len: int, iters: int = 20) -> float:
+        """Seconds per replay of the bucket-``n`` verify graph at committed length ``prefix_len``
+        (all rows inactive, so nothing changes between replays). For benchmarks."""
+        b = self._bucket(n, root_only=False)
+        saved_len = self.cache.lengths.clone()
+        saved = self._active_host
+        self.set_active([False] * self.batch_size)
+        self.cache.lengths.fill_(int(prefix_len))
+        run = b.graph.replay if b.graph is not None else (lambda: self._run(b))
+        for _ in range(3):
+            run()
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                run()
+            end.record()
+            end.synchronize()
+            dt = start.elapsed_time(end) / 1e3 / iters
+        else:
+            import time
+
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                run()
+            dt = (time.perf_counter() - t0) / iters
+        self.cache.lengths.copy_(saved_len)
+        self.set_active(list(saved))
+        return dt
+
+
+_RUNNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def runner_for(target, verifier, step_fn: StepFn, batch_size: int, need_len: int, max_nodes: int,
+               buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> CUDAGraphRunner:
+    """The model's cached runner if it fits this call, else a new one (replacing it).
+
+    ``max_len`` is rounded up to a multiple of 512 so prompts of similar length share the graphs.
+    """
+    r = _RUNNERS.get(target)
+    if r is not None and r.fits(target, verifier, batch_size, need_len, max_nodes):
+        return r
+    _RUNNERS.pop(target, None)
+    del r
+    max_bucket = max(buckets)
+    max_len = _round_up(need_len + max_bucket + 2, 512)
+    r = CUDAGraphRunner(target, verifier, step_fn, batch_size, max_len, buckets=buckets, capture=True)
+    _RUNNERS[target] = r
+    return r

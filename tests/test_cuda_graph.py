@@ -1,0 +1,191 @@
+"""CUDA-graph runner: bucketing and padding (CPU), padded == unpadded acceptance (CPU, SDPA), the
+runner's static-buffer steps == the eager loop (CPU, capture off), graph replay == eager (CUDA only)."""
+
+import pytest
+import torch
+
+import specdec
+from drafters import DraftModel, Replay
+from specdec.acceptance import greedy_accept
+from specdec.cache import StaticTreeCache
+from specdec.cuda_graph import DEFAULT_BUCKETS, CUDAGraphRunner, bucket_for, pad_to_bucket
+from specdec.forward import causal_chain_mask, tree_forward
+from specdec.generate import SpecDecInputError, verify_step
+from specdec.tree import TokenTree
+from tests.helpers import tiny_model
+from verifiers import SDPAVerifier
+
+NEW = 40
+
+
+def _prompt(seed=1, T=10, B=1):
+    return torch.randint(3, 256, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- bucketing / padding
+def test_bucket_for():
+    assert [bucket_for(n) for n in (1, 2, 3, 4, 5, 9, 16, 17, 64, 65, 128)] == [1, 2, 4, 4, 8, 16, 16, 32, 64, 128, 128]
+    assert bucket_for(129) is None
+    assert bucket_for(5, (1, 8, 64)) == 8
+    assert bucket_for(3, (64, 1, 8)) == 8  # order of the buckets does not matter
+    with pytest.raises(ValueError):
+        bucket_for(0)
+
+
+def test_pad_to_bucket_structure():
+    root = torch.tensor([5, 6])
+    tree = TokenTree.from_paths(root, [[[1, 2, 3], [1, 4]], [[7]]])  # rows of 5 and 2 nodes -> N = 5
+    padded = pad_to_bucket(tree)
+    assert padded.num_nodes == 8
+    assert torch.equal(padded.tokens[:, :5], tree.tokens)
+    assert torch.equal(padded.parents[:, :5], tree.parents)
+    assert padded.valid_mask[:, 5:].sum() == 0  # pad nodes are invalid ...
+    assert torch.equal(padded.valid_mask[:, :5], tree.valid_mask)
+    assert torch.equal(padded.parents[:, 5:], torch.zeros(2, 3, dtype=torch.long))  # ... and hang off the root
+    assert torch.equal(padded.depths[:, :5], tree.depths)  # real nodes keep depth and ancestry
+    assert torch.equal(padded.ancestor_mask[:, :5, :5], tree.ancestor_mask)
+    assert pad_to_bucket(padded) is padded  # already a bucket size
+    big = TokenTree.chain(root[:1], torch.ones(1, 200, dtype=torch.long))
+    assert pad_to_bucket(big) is big  # no bucket: unchanged (the engine runs it eagerly)
+
+
+def _verify_accept(model, prompt, tree):
+    """Prefill ``prompt[:, :-1]`` into a fresh cache (the last token is the tree's root), verify
+    ``tree`` with SDPA, accept greedily."""
+    prompt = prompt[:, :-1]
+    B, T = prompt.shape
+    cache = StaticTreeCache(model.config, B, T + 200, torch.float32, "cpu")
+    v = SDPAVerifier()
+    tree_forward(model, cache, prompt, causal_chain_mask(B, T, "cpu"), torch.arange(T).expand(B, T), T, v.backend)
+    cache.advance(T)
+    logits = v(model, tree, cache, T + tree.num_nodes)
+    return logits, greedy_accept(tree, logits)
+
+
+@pytest.mark.parametrize("bucket", [16, 64])
+def test_padded_tree_accepts_same_tokens(bucket):
+    """A tree padded to a bucket gives the same real-node logits and the same accepted path and bonus."""
+    model = tiny_model("llama")
+    prompt = _prompt(seed=3, B=2)
+    ref = specdec.generate(model, prompt, max_new_tokens=6, cuda_graphs=False).sequences[:, 10:]  # greedy truth
+    root = prompt[:, -1]
+    # row 0: the true continuation as one branch (all 6 drafts accepted), plus wrong branches;
+    # row 1: only wrong branches
+    paths = [[ref[0].tolist(), [(ref[0, 0].item() + 1) % 256, 9], ref[0, :2].tolist() + [7]], [[11, 12], [13]]]
+    tree = TokenTree.from_paths(root, paths)
+    logits, res = _verify_accept(model, prompt, tree)
+    padded = tree.pad_to(bucket)
+    logits_p, res_p = _verify_accept(model, prompt, padded)
+    n = tree.num_nodes
+    torch.testing.assert_close(logits_p[:, :n], logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(res.path_len, res_p.path_len)
+    assert torch.equal(res.bonus, res_p.bonus)
+    for b in range(2):
+        L = int(res.path_len[b])
+        assert torch.equal(res.path[b, :L], res_p.path[b, :L])
+    assert int(res.path_len[0]) == 7 and int(res.path_len[1]) == 1  # the tree exercised both outcomes
+
+
+# ---------------------------------------------------------------- runner (CPU: capture off)
+def _drafters(model, cont):
+    return {
+        "ar": None,
+        "replay-chain": Replay(cont, 0.3, seed=1),
+        "replay-tree": Replay(cont, 0.5, branching=3, seed=2),  # 3 nodes per level -> padded buckets
+        "draft-tree": DraftModel(tiny_model("llama", seed=7), depth=3, branching=2, width=2),
+    }
+
+
+@pytest.mark.parametrize("name", ["ar", "replay-chain", "replay-tree", "draft-tree"])
+def test_runner_static_steps_match_eager_cpu(name):
+    """The runner's padded, fixed-view, static-buffer step (the function a graph captures), run
+    eagerly on CPU, commits exactly the tokens of the eager loop; buffers are reused across calls."""
+    model = tiny_model("llama")
+    prompt = _prompt(seed=5)
+    ref = specdec.generate(model, prompt, max_new_tokens=NEW, cuda_graphs=False)
+    cont = ref.new_tokens[0]
+    budget = 6
+    runner = CUDAGraphRunner(model, SDPAVerifier(), verify_step, 1, 256, buckets=(1, 4, 16), capture=False)
+    for _ in range(2):  # second call: same buffers, reset in between
+        eager = specdec.generate(model, prompt, drafter=_drafters(model, cont)[name], max_new_tokens=NEW, budget=budget,
+                                 verifier=SDPAVerifier(), cuda_graphs=False)
+        out = specdec.generate(model, prompt, drafter=_drafters(model, cont)[name], max_new_tokens=NEW, budget=budget,
+                               verifier=SDPAVerifier(), cuda_graphs=runner)
+        assert out.new_tokens == ref.new_tokens == eager.new_tokens
+        assert out.stats.verify_steps == eager.stats.verify_steps
+        assert out.stats.accepted_per_depth == eager.stats.accepted_per_depth
+        assert out.stats.drafted_per_depth == eager.stats.drafted_per_depth
+    used = {key: b.replays for key, b in runner._buckets.items()}
+    if name == "ar":
+        assert set(used) == {(1, True)}
+    else:  # trees of 7 nodes and less: buckets 4 and 16 (padding exercised), root-only graph unused
+        assert (16, False) in used and all(not root for (_, root) in used)
+
+
+def test_runner_batch_rows_finish_at_different_steps():
+    """Batch 2 with an EOS that stops one row early: the inactive row commits nothing."""
+    model = tiny_model("llama")
+    prompt = _prompt(seed=9, B=2)
+    ref = specdec.generate(model, prompt, max_new_tokens=NEW, cuda_graphs=False)
+    eos = ref.new_tokens[0][12]
+    ref = specdec.generate(model, prompt, max_new_tokens=NEW, eos_token_id=eos, cuda_graphs=False)
+    assert len(ref.new_tokens[0]) != len(ref.new_tokens[1])
+    runner = CUDAGraphRunner(model, SDPAVerifier(), verify_step, 2, 256, buckets=(1, 8), capture=False)
+    for drafter in (None, Replay([r + [0] * 8 for r in ref.new_tokens], 0.2, seed=4)):
+        out = specdec.generate(model, prompt, drafter=drafter, max_new_tokens=NEW, eos_token_id=eos, budget=5,
+                               verifier=SDPAVerifier(), cuda_graphs=runner)
+        assert out.new_tokens == ref.new_tokens
+        assert torch.equal(out.sequences, ref.sequences)
+
+
+def test_runner_rejects_misfits_and_cpu_graphs():
+    model = tiny_model("llama")
+    prompt = _prompt()
+    runner = CUDAGraphRunner(model, SDPAVerifier(), verify_step, 1, 64, buckets=(1, 8), capture=False)
+    with pytest.raises(SpecDecInputError):  # 10 + 60 tokens do not fit 64 slots
+        specdec.generate(model, prompt, max_new_tokens=60, verifier=SDPAVerifier(), cuda_graphs=runner)
+    with pytest.raises(SpecDecInputError):  # sampling is not captured
+        specdec.generate(model, prompt, max_new_tokens=4, temperature=1.0, verifier=SDPAVerifier(), cuda_graphs=runner)
+    if not torch.cuda.is_available():
+        with pytest.raises(SpecDecInputError):
+            specdec.generate(model, prompt, max_new_tokens=4, cuda_graphs=True)
+        with pytest.raises(ValueError):
+            CUDAGraphRunner(model, SDPAVerifier(), verify_step, 1, 64)  # capture needs CUDA
+
+
+def test_tree_larger_than_every_bucket_runs_eagerly():
+    model = tiny_model("llama")
+    prompt = _prompt(seed=2)
+    ref = specdec.generate(model, prompt, max_new_tokens=20, cuda_graphs=False)
+    runner = CUDAGraphRunner(model, SDPAVerifier(), verify_step, 1, 256, buckets=(1, 2), capture=False)
+    out = specdec.generate(model, prompt, drafter=Replay(ref.new_tokens[0], 0.0), max_new_tokens=20, budget=4,
+                           verifier=SDPAVerifier(), cuda_graphs=runner)
+    assert out.new_tokens == ref.new_tokens
+    assert runner.stats.eager_steps == out.stats.verify_steps  # 5-node trees > bucket 2: every step eager
+
+
+# ---------------------------------------------------------------- real graphs (CUDA only)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("name", ["ar", "replay-chain", "replay-tree", "draft-tree"])
+def test_graph_replay_matches_eager_cuda(name):
+    model = tiny_model("llama").cuda()
+    prompt = _prompt(seed=5).cuda()
+    ref = specdec.generate(model, prompt, max_new_tokens=NEW, cuda_graphs=False)
+    cont = ref.new_tokens[0]
+    for _ in range(2):
+        drafter = _drafters(model, cont)[name]
+        if isinstance(drafter, DraftModel):
+            drafter = DraftModel(tiny_model("llama", seed=7).cuda(), depth=3, branching=2, width=2)
+        eager = specdec.generate(model, prompt, drafter=drafter, max_new_tokens=NEW, budget=6, cuda_graphs=False)
+        drafter = _drafters(model, cont)[name]
+        if isinstance(drafter, DraftModel):
+            drafter = DraftModel(tiny_model("llama", seed=7).cuda(), depth=3, branching=2, width=2)
+        graphed = specdec.generate(model, prompt, drafter=drafter, max_new_tokens=NEW, budget=6, cuda_graphs=True)
+        assert graphed.new_tokens == eager.new_tokens == ref.new_tokens
+        assert graphed.stats.accepted_per_depth == eager.stats.accepted_per_depth
+    from specdec.cuda_graph import _RUNNERS
+
+    runner = _RUNNERS[model]
+    assert runner.disabled is None
+    assert runner._buckets and all(b.graph is not None for b in runner._buckets.values())
+    assert sum(b.replays for b in runner._buckets.values()) > 0
