@@ -124,6 +124,9 @@ def plot(points: list[dict], path: Path, title: str) -> None:
         for i in front:
             p = points[i]
             ax.annotate(p["label"], (p[x], p["tpot_ms"]), textcoords="offset points", xytext=(5, 5), fontsize=7)
+        ar = [p["tpot_ms"] for p in points if p["drafter"] == "none"]
+        if ar:
+            ax.axhline(sum(ar) / len(ar), color="0.5", lw=0.8, ls=":", label="AR TPOT")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("TPOT (ms, lower is better)")
         ax.grid(alpha=0.3)

@@ -181,7 +181,10 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path, *, label: str, knobs: d
                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, budget=cfg.budget,
                    device=str(device))
     _write(out_dir, rows, summary)
+    summary_wandb = logger.run_dir
     logger.finish_run(rows=rows, summary=summary)
+    if summary_wandb:
+        summary["wandb_dir"] = summary_wandb
     return summary
 
 
@@ -297,7 +300,8 @@ def _hydra_main(cfg: DictConfig) -> None:
         raise SystemExit(f"config error: {e}") from None
     print(
         f"[{label}] TPOT {s['tpot_s'] * 1e3:.2f} ms  tau {s['tau']:.2f}  alpha {s['alpha']:.3f}  "
-        f"{s['tokens_per_s']:.1f} tok/s  ({s['requests']} requests) -> {out_dir}",
+        f"{s['tokens_per_s']:.1f} tok/s  ({s['requests']} requests) -> {out_dir}"
+        + (f"  (W&B: {s['wandb_dir']})" if s.get("wandb_dir") else ""),
         flush=True,
     )
 

@@ -59,6 +59,7 @@ class WandbLogger:
               job_type: str = "run") -> None:
         if not self.enabled:
             return
+        os.environ.setdefault("WANDB_SILENT", "true")  # our own lines say where the run is
         import wandb
 
         root = Path(self.dir) if self.dir is not None else Path(out_dir)
