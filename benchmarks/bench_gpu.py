@@ -1,0 +1,439 @@
+"""GPU fast-path benchmark (issue #6): everything in ONE invocation, side by side.
+
+(a) Llama-3-8B-shaped bf16 model, random weights (timing only; 32 layers, hidden 4096, 32/8 heads,
+    MLP 14336, vocab 128256, created on the GPU): the weight-read floor (weight bytes / measured
+    device-copy bandwidth), HF ``generate`` AR, specdec AR eager and with CUDA graphs, the verify
+    step (one graph replay) for N in {1, 2, 4, ..., 128}, and ``Replay`` end-to-end TPOT at
+    tau ~ 2, 3, 4 (the target's own greedy continuation, corrupted; chain of 8 drafts).
+(b) SmolLM2-135M-Instruct, real weights (fp32), MT-bench first turns: HF AR, HF prompt lookup
+    (``prompt_lookup_num_tokens=10``), specdec AR, and every drafter: Raw / Turbo / Hybrid
+    lookahead, EarlyExit, QuantizedCopy int8 / int4, DraftModel (the target drafting for itself).
+    TPOT, tau, speedup over specdec AR and over HF AR, greedy-equality rate.
+
+Writes ``bench_gpu.json`` and ``bench_gpu.md`` to ``--out`` (sections are written as they finish,
+so a timeout keeps what was measured). Targets (batch 1) are checked here and only here:
+specdec AR <= 1.10x floor; verify(64) <= 1.15x verify(1); eta = AR step / (verify + draft) >= 0.85;
+TPOT < floor at tau >= 2; SmolLM2 best drafter >= 20x HF AR and >= 2x specdec AR.
+
+    python -m benchmarks.bench_gpu --out results/gpu                       # on the GPU machine
+    python -m benchmarks.bench_gpu --smoke --out /tmp/smoke                 # CPU: tiny shapes, no graphs
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+import specdec
+from specdec.cuda_graph import DEFAULT_BUCKETS, CUDAGraphRunner, _RUNNERS
+from specdec.generate import verify_step
+
+RESULTS: dict = {}
+MD: list[str] = []
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _write(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_gpu.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+    (out / "bench_gpu.md").write_text("\n".join(MD) + "\n")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Graphs:
+    """What specdec calls pass as ``cuda_graphs``: True on CUDA; on CPU (smoke) a capture-free runner
+    per model, so the padded static-buffer path is exercised everywhere."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.cpu_runners: dict[int, CUDAGraphRunner] = {}
+
+    def arg(self, model, verifier, need_len: int):
+        if self.cuda:
+            return True
+        r = self.cpu_runners.get(id(model))
+        if r is None or not r.fits(model, verifier, 1, need_len, 129):
+            r = CUDAGraphRunner(model, verifier, verify_step, 1, need_len + 256, capture=False)
+            self.cpu_runners[id(model)] = r
+        return r
+
+    def runner(self, model):
+        return _RUNNERS.get(model) if self.cuda else self.cpu_runners.get(id(model))
+
+
+def hf_tpot(model, ids, n: int, force_len: bool = False, **kw) -> tuple[list[int], float, float]:
+    """HF generate: (new tokens, TPOT, TTFT). TPOT = (t(n) - t(1)) / (new - 1).
+    ``force_len``: never stop at EOS (random weights: timing only)."""
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, top_k=None, top_p=None, temperature=None, **kw)
+    _sync()
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=1, **kw)
+    _sync()
+    ttft = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=n, **(dict(kw, min_new_tokens=n) if force_len else kw))
+    _sync()
+    total = time.perf_counter() - t0
+    new = out.shape[1] - ids.shape[1]
+    return out[0, ids.shape[1]:].tolist(), (total - ttft) / max(new - 1, 1), ttft
+
+
+def device_copy_bandwidth(device, nbytes: int) -> float:
+    """Bytes/s of a device-to-device copy (read + write counted), best of a few."""
+    n = nbytes // 2
+    x = torch.empty(n, dtype=torch.bfloat16, device=device)
+    y = torch.empty_like(x)
+    x.fill_(1.0)
+    best = float("inf")
+    for _ in range(3):
+        y.copy_(x)
+    if device.type == "cuda":
+        for _ in range(5):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(5):
+                y.copy_(x)
+            b.record()
+            b.synchronize()
+            best = min(best, a.elapsed_time(b) / 1e3 / 5)
+    else:
+        t0 = time.perf_counter()
+        y.copy_(x)
+        best = time.perf_counter() - t0
+    del x, y
+    return 2 * nbytes / best
+
+
+# ---------------------------------------------------------------- (a) 8B-shaped, random weights
+def bench_8b(args, graphs: Graphs, device) -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from drafters import Replay
+    from verifiers import auto_verifier
+
+    if args.smoke:
+        cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+        dtype = torch.float32
+    else:
+        cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                          rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001)
+        dtype = torch.bfloat16
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    _sync()
+    R = RESULTS["8b"] = {"config": "smoke-tiny" if args.smoke else "Llama-3-8B shape, bf16, random weights",
+                         "create_s": time.perf_counter() - t0}
+    wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    emb = model.get_input_embeddings().weight
+    bw = device_copy_bandwidth(device, min(4 << 30, max(wbytes, 64 << 20)))
+    R.update(weight_bytes=wbytes, copy_bw_Bps=bw, floor_s=wbytes / bw,
+             floor_no_embed_s=(wbytes - emb.numel() * emb.element_size()) / bw)
+    log(f"8B: weights {wbytes / 1e9:.2f} GB, copy bw {bw / 1e12:.2f} TB/s, floor {R['floor_s'] * 1e3:.3f} ms")
+    _write(args.out)
+
+    T, NEW = args.prompt_len_8b, args.new_8b
+    ids = torch.randint(0, cfg.vocab_size, (1, T), generator=torch.Generator().manual_seed(1)).to(device)
+    no_eos = dict(eos_token_id=-1)  # random weights: run the full length (timing only)
+    # HF generate AR
+    hf_n = args.hf_new_8b
+    hf_tpot(model, ids, 2, force_len=True)  # warm-up
+    _, R["hf_ar_tpot_s"], _ = hf_tpot(model, ids, hf_n, force_len=True)
+    log(f"8B HF generate AR TPOT {R['hf_ar_tpot_s'] * 1e3:.2f} ms")
+    _write(args.out)
+
+    verifier = auto_verifier(device)
+    need = T + NEW
+    # specdec AR eager
+    eager = specdec.generate(model, ids, max_new_tokens=min(NEW, 32), verifier=verifier, cuda_graphs=False, **no_eos)
+    R["specdec_ar_eager_tpot_s"] = eager.stats.tpot_s
+    # specdec AR with graphs (first call captures)
+    g = graphs.arg(model, verifier, need)
+    specdec.generate(model, ids, max_new_tokens=8, verifier=verifier, cuda_graphs=g, **no_eos)
+    ar = specdec.generate(model, ids, max_new_tokens=NEW, verifier=verifier, cuda_graphs=g, **no_eos)
+    R["specdec_ar_tpot_s"] = ar.stats.tpot_s
+    R["specdec_ar_vs_floor"] = ar.stats.tpot_s / R["floor_s"]
+    R["ar_graph_eq_eager"] = ar.new_tokens[0][: len(eager.new_tokens[0])] == eager.new_tokens[0]
+    log(f"8B specdec AR: eager {eager.stats.tpot_s * 1e3:.2f} ms, graphs {ar.stats.tpot_s * 1e3:.3f} ms "
+        f"({R['specdec_ar_vs_floor']:.3f}x floor); graph==eager tokens: {R['ar_graph_eq_eager']}")
+    _write(args.out)
+
+    # verify step per bucket (graph replays at a fixed committed length)
+    runner = graphs.runner(model)
+    prefix = min(need, runner.max_len - max(DEFAULT_BUCKETS) - 2)
+    R["verify_prefix_len"] = prefix
+    R["verify_s"] = {}
+    for n in DEFAULT_BUCKETS:
+        R["verify_s"][n] = runner.time_bucket(n, prefix, iters=args.iters)
+        log(f"8B verify N={n:4d}: {R['verify_s'][n] * 1e3:.3f} ms")
+    R["verify64_over_1"] = R["verify_s"][64] / R["verify_s"][1]
+    R["capture_s"] = dict(runner.stats.captures)
+    _write(args.out)
+
+    # Replay at tau ~ 2, 3, 4 (chain of 8 drafts; tau = (1 - (1-c)^9) / c for corruption c)
+    cont = ar.new_tokens[0]
+    R["replay"] = []
+    budget = 8
+    for c in (0.5, 0.32, 0.22, 0.0):
+        kw = dict(max_new_tokens=NEW, verifier=verifier, cuda_graphs=g, budget=budget, **no_eos)
+        specdec.generate(model, ids, drafter=Replay(cont, c, seed=1), **dict(kw, max_new_tokens=16))  # capture
+        out = specdec.generate(model, ids, drafter=Replay(cont, c, seed=1), **kw)
+        s = out.stats
+        per_step = (s.draft_s + s.verify_s) / max(s.verify_steps, 1)
+        row = dict(corruption=c, budget=budget, tau=s.tau, tpot_s=s.tpot_s, tpot_vs_floor=s.tpot_s / R["floor_s"],
+                   speedup_vs_ar=R["specdec_ar_tpot_s"] / s.tpot_s, draft_per_step_s=s.draft_s / max(s.verify_steps, 1),
+                   verify_per_step_s=s.verify_s / max(s.verify_steps, 1),
+                   eta=R["specdec_ar_tpot_s"] / per_step, equal_to_ar=out.new_tokens[0] == cont)
+        R["replay"].append(row)
+        log(f"8B Replay c={c}: tau {s.tau:.2f} TPOT {s.tpot_s * 1e3:.3f} ms ({row['tpot_vs_floor']:.2f}x floor) "
+            f"eta {row['eta']:.3f} equal {row['equal_to_ar']}")
+        _write(args.out)
+    del model, runner
+    _RUNNERS.clear()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- (b) SmolLM2-135M, MT-bench
+def load_smollm2(args, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if args.smollm2_gguf:
+        p = Path(args.smollm2_gguf)
+        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        return model.to(device).eval(), tok
+    return specdec.load_model("smollm2-135m", device=device)
+
+
+def mtbench_first_turns(args) -> list[str]:
+    if args.mtbench:
+        rows = [json.loads(line) for line in Path(args.mtbench).read_text().splitlines() if line.strip()]
+        return [r["turns"][0] for r in rows]
+    from experiments.prompts import load_prompts
+
+    return [r.turns[0] for r in load_prompts("mtbench")]
+
+
+def bench_smollm2(args, graphs: Graphs, device) -> None:
+    from drafters import DraftModel, EarlyExit, HybridLookahead, QuantizedCopy, RawLookahead, TurboLookahead
+    from experiments.prompts import chat_ids
+    from verifiers import auto_verifier
+
+    t0 = time.perf_counter()
+    model, tok = load_smollm2(args, device)
+    R = RESULTS["smollm2"] = {"load_s": time.perf_counter() - t0, "dtype": "float32", "new_tokens": args.new,
+                              "prompts": args.prompts}
+    log(f"SmolLM2 loaded in {R['load_s']:.1f}s")
+    turns = mtbench_first_turns(args)
+    # spread over the 8 categories: every 10th question
+    prompts = [torch.tensor([chat_ids(tok, [t])], device=device) for t in turns[:: max(1, len(turns) // args.prompts)][: args.prompts]]
+    verifier = auto_verifier(device)
+    need = max(p.shape[1] for p in prompts) + args.new
+    g = graphs.arg(model, verifier, need)
+    rows = R["rows"] = {}
+
+    def hf_row(name, **kw):
+        hf_tpot(model, prompts[0], 4, **kw)  # warm-up
+        toks, tp = [], []
+        for p in prompts:
+            out, tpot, _ = hf_tpot(model, p, args.new, **kw)
+            toks.append(out)
+            tp.append(tpot)
+        rows[name] = dict(tpot_s=sum(tp) / len(tp), tau=None, tokens=toks)
+        log(f"SmolLM2 {name}: TPOT {rows[name]['tpot_s'] * 1e3:.2f} ms")
+        _write(args.out)
+
+    hf_row("HF AR")
+    hf_row("HF prompt lookup (10)", prompt_lookup_num_tokens=10)
+
+    def spec_row(name, make_drafter, budget, cuda_graphs=g):
+        try:
+            specdec.generate(model, prompts[0], drafter=make_drafter(), max_new_tokens=min(16, args.new), budget=budget,
+                             verifier=verifier, cuda_graphs=cuda_graphs)  # warm-up: captures the buckets
+            toks, tp, taus, steps, drafts, verifs = [], [], [], 0, 0.0, 0.0
+            for p in prompts:
+                out = specdec.generate(model, p, drafter=make_drafter(), max_new_tokens=args.new, budget=budget,
+                                       verifier=verifier, cuda_graphs=cuda_graphs)
+                s = out.stats
+                toks.append(out.new_tokens[0])
+                tp.append(s.tpot_s)
+                taus.append((s.tau, s.verify_steps))
+                steps += s.verify_steps
+                drafts += s.draft_s
+                verifs += s.verify_s
+            tau = sum(t * n for t, n in taus) / max(sum(n for _, n in taus), 1)
+            rows[name] = dict(tpot_s=sum(tp) / len(tp), tau=tau, tokens=toks, budget=budget,
+                              draft_per_step_s=drafts / max(steps, 1), verify_per_step_s=verifs / max(steps, 1))
+            log(f"SmolLM2 {name}: TPOT {rows[name]['tpot_s'] * 1e3:.3f} ms tau {tau:.2f} "
+                f"draft/step {rows[name]['draft_per_step_s'] * 1e3:.2f} ms verify/step {rows[name]['verify_per_step_s'] * 1e3:.2f} ms")
+        except Exception as e:  # one broken drafter must not sink the table
+            rows[name] = dict(error=f"{type(e).__name__}: {e}")
+            log(f"SmolLM2 {name}: FAILED {e}\n{traceback.format_exc()}")
+        _write(args.out)
+
+    spec_row("specdec AR (eager)", lambda: None, 0, cuda_graphs=False)
+    spec_row("specdec AR", lambda: None, 0)
+    LB = args.lookahead_budget
+    spec_row("RawLookahead", lambda: RawLookahead(), LB)
+    turbo = TurboLookahead()  # one global trie across the prompts (learns as it serves)
+    spec_row("TurboLookahead", lambda: turbo, LB)
+    hybrid = HybridLookahead()
+    spec_row("HybridLookahead", lambda: hybrid, LB)
+    D = args.model_depth
+    spec_row(f"EarlyExit(8/30 layers, depth {D})", lambda: EarlyExit(model, exit_layer=8, depth=D), D)
+    q8 = QuantizedCopy(model, bits=8, depth=D)
+    spec_row(f"QuantizedCopy int8 (depth {D})", lambda: q8, D)
+    q4 = QuantizedCopy(model, bits=4, group_size=64, depth=D)
+    spec_row(f"QuantizedCopy int4 (depth {D})", lambda: q4, D)
+    spec_row(f"DraftModel(self, depth {D})", lambda: DraftModel(model, depth=D), D)
+
+    # derived columns
+    hf = rows["HF AR"]["tpot_s"]
+    ar = rows.get("specdec AR", {}).get("tpot_s")
+    ref_hf = rows["HF AR"]["tokens"]
+    ref_ar = rows.get("specdec AR", {}).get("tokens")
+    for name, r in rows.items():
+        if "error" in r:
+            continue
+        r["speedup_vs_hf_ar"] = hf / r["tpot_s"]
+        r["speedup_vs_specdec_ar"] = ar / r["tpot_s"] if ar else None
+        r["equal_to_hf_ar"] = sum(a == b for a, b in zip(r["tokens"], ref_hf)) / len(ref_hf)
+        r["equal_to_specdec_ar"] = sum(a == b for a, b in zip(r["tokens"], ref_ar)) / len(ref_ar) if ref_ar else None
+    _write(args.out)
+
+
+# ---------------------------------------------------------------- report
+def fmt_ms(x):
+    return "—" if x is None else f"{x * 1e3:.3f}"
+
+
+def report(args, device) -> None:
+    MD.clear()
+    dev = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU (smoke)"
+    MD.append(f"# bench_gpu — {dev}, torch {torch.__version__}\n")
+    a = RESULTS.get("8b")
+    targets = RESULTS.setdefault("targets", {})
+    if a:
+        MD.append(f"## (a) {a['config']}\n")
+        MD.append(f"weights {a['weight_bytes'] / 1e9:.2f} GB; measured copy bandwidth {a['copy_bw_Bps'] / 1e12:.2f} TB/s; "
+                  f"**floor {a['floor_s'] * 1e3:.3f} ms/token** (without the embedding table: {a['floor_no_embed_s'] * 1e3:.3f} ms)\n")
+        MD.append("| decoder | TPOT ms | × floor |\n|---|---|---|")
+        for k, name in (("hf_ar_tpot_s", "HF generate AR"), ("specdec_ar_eager_tpot_s", "specdec AR (eager)"),
+                        ("specdec_ar_tpot_s", "specdec AR (CUDA graphs)")):
+            if k in a:
+                MD.append(f"| {name} | {fmt_ms(a[k])} | {a[k] / a['floor_s']:.2f} |")
+        if "verify_s" in a:
+            MD.append(f"\nverify step (one graph replay, committed prefix {a['verify_prefix_len']}):\n")
+            MD.append("| N | " + " | ".join(str(n) for n in a["verify_s"]) + " |")
+            MD.append("|---" * (len(a["verify_s"]) + 1) + "|")
+            MD.append("| ms | " + " | ".join(f"{v * 1e3:.3f}" for v in a["verify_s"].values()) + " |")
+            MD.append("| × N=1 | " + " | ".join(f"{v / a['verify_s'][1]:.2f}" for v in a["verify_s"].values()) + " |")
+        if a.get("replay"):
+            MD.append("\n| Replay corruption (chain 8) | τ | TPOT ms | × floor | speedup vs specdec AR | draft+verify per step ms | η | tokens = AR |")
+            MD.append("|---|---|---|---|---|---|---|---|")
+            for r in a["replay"]:
+                MD.append(f"| {r['corruption']} | {r['tau']:.2f} | {fmt_ms(r['tpot_s'])} | {r['tpot_vs_floor']:.2f} | "
+                          f"{r['speedup_vs_ar']:.2f} | {(r['draft_per_step_s'] + r['verify_per_step_s']) * 1e3:.3f} | "
+                          f"{r['eta']:.3f} | {r['equal_to_ar']} |")
+        if "specdec_ar_vs_floor" in a:
+            targets["specdec AR <= 1.10x floor"] = (round(a["specdec_ar_vs_floor"], 3), a["specdec_ar_vs_floor"] <= 1.10)
+        if "verify64_over_1" in a:
+            targets["verify(64) <= 1.15x verify(1)"] = (round(a["verify64_over_1"], 3), a["verify64_over_1"] <= 1.15)
+        reps = [r for r in a.get("replay", []) if r["corruption"] > 0]
+        if reps:
+            eta = min(r["eta"] for r in reps)
+            targets["eta >= 0.85 (min over tau 2-4)"] = (round(eta, 3), eta >= 0.85)
+            ok = [r for r in reps if r["tau"] >= 2]
+            if ok:
+                worst = max(r["tpot_vs_floor"] for r in ok)
+                targets["TPOT < floor at tau >= 2 (worst)"] = (round(worst, 3), worst < 1.0)
+    b = RESULTS.get("smollm2")
+    if b and b.get("rows"):
+        MD.append(f"\n## (b) SmolLM2-135M-Instruct ({b['dtype']}), MT-bench first turns × {b['prompts']}, {b['new_tokens']} new tokens\n")
+        MD.append("| decoder | TPOT ms | τ | × HF AR | × specdec AR | = HF AR | = specdec AR |\n|---|---|---|---|---|---|---|")
+        for name, r in b["rows"].items():
+            if "error" in r:
+                MD.append(f"| {name} | failed: {r['error'][:80]} | | | | | |")
+                continue
+            tau = "—" if r["tau"] is None else f"{r['tau']:.2f}"
+            sa = "—" if r.get("speedup_vs_specdec_ar") is None else f"{r['speedup_vs_specdec_ar']:.2f}"
+            ea = "—" if r.get("equal_to_specdec_ar") is None else f"{r['equal_to_specdec_ar']:.2f}"
+            MD.append(f"| {name} | {fmt_ms(r['tpot_s'])} | {tau} | {r.get('speedup_vs_hf_ar', 0):.1f} | {sa} | "
+                      f"{r.get('equal_to_hf_ar', 0):.2f} | {ea} |")
+        spec = {n: r for n, r in b["rows"].items() if "error" not in r and r.get("tau") is not None
+                and not n.startswith("specdec AR") and r.get("speedup_vs_specdec_ar")}
+        if spec:
+            best = max(spec, key=lambda n: spec[n]["speedup_vs_specdec_ar"])
+            targets[f"SmolLM2 best ({best}) >= 20x HF AR"] = (round(spec[best]["speedup_vs_hf_ar"], 2), spec[best]["speedup_vs_hf_ar"] >= 20)
+            targets[f"SmolLM2 best ({best}) >= 2x specdec AR"] = (round(spec[best]["speedup_vs_specdec_ar"], 2), spec[best]["speedup_vs_specdec_ar"] >= 2)
+    if targets:
+        MD.append("\n## targets\n\n| target | measured | met |\n|---|---|---|")
+        for k, (v, ok) in targets.items():
+            MD.append(f"| {k} | {v} | {'yes' if ok else 'NO'} |")
+    _write(args.out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "results/gpu")))
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on any device (CI / CPU check of the script)")
+    ap.add_argument("--skip-8b", action="store_true")
+    ap.add_argument("--skip-smollm2", action="store_true")
+    ap.add_argument("--smollm2-gguf", default=None, help="GGUF file (default: the packaged model)")
+    ap.add_argument("--mtbench", default=None, help="MT-bench question.jsonl (default: the installed package)")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--prompt-len-8b", type=int, default=128)
+    ap.add_argument("--new-8b", type=int, default=128)
+    ap.add_argument("--hf-new-8b", type=int, default=32)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--lookahead-budget", type=int, default=15)
+    ap.add_argument("--model-depth", type=int, default=4)
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.smoke:
+        args.prompts, args.new, args.new_8b, args.hf_new_8b, args.iters = min(args.prompts, 2), min(args.new, 12), 16, 4, 2
+        args.prompt_len_8b = 16
+    graphs = Graphs(device.type == "cuda")
+    RESULTS["device"] = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    RESULTS["torch"] = torch.__version__
+    import transformers
+
+    RESULTS["transformers"] = transformers.__version__
+    with torch.inference_mode():
+        for name, fn in (("8b", bench_8b), ("smollm2", bench_smollm2)):
+            if getattr(args, f"skip_{name}", False):
+                continue
+            try:
+                fn(args, graphs, device)
+            except Exception as e:
+                RESULTS.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+                log(f"section {name} FAILED: {e}\n{traceback.format_exc()}")
+            report(args, device)
+    report(args, device)
+    print("\n".join(MD), flush=True)
+
+
+if __name__ == "__main__":
+    main()
