@@ -120,7 +120,10 @@ class EarlyExit:
             ``depth``.
         skip_layers: layer indices (< exit_layer) skipped by the draft (SWIFT-style). At least one
             layer must remain.
-        backend: attention backend for the draft forwards.
+        backend: attention backend for the draft forwards; default (None): the backend of the
+            default verifier for the device (Triton tree attention on CUDA, SDPA elsewhere). The
+            draft runs the same attention modules as the target, so a slow backend here costs
+            as much per layer as it would in the verify pass.
     """
 
     def __init__(
@@ -132,7 +135,7 @@ class EarlyExit:
         width: int | None = None,
         threshold: float | None = None,
         skip_layers: Iterable[int] | None = None,
-        backend: Callable = sdpa_tree_attention,
+        backend: Callable | None = None,
     ):
         n_layers = _text_config(target).num_hidden_layers
         if exit_layer is None:
@@ -167,6 +170,7 @@ class EarlyExit:
         self.width = width if width is not None else branching
         self.threshold = None if threshold is None else float(threshold)
         self.backend = backend
+        self._backend: Callable = backend or sdpa_tree_attention
         bind_model(target)  # the engine's own (public, idempotent) attention binding, before the config copy
         self.view = truncated_view(target, kept)
 
@@ -193,6 +197,10 @@ class EarlyExit:
             raise SpecDecInputError(
                 f"target cache has {state.cache.num_layers} layers, the model {self.num_layers}: EarlyExit shares it"
             )
+        if self.backend is None:
+            from specdec.generate import default_verifier
+
+            self._backend = default_verifier(state.device).backend
 
     def observe(self, state: DecodeState, accepted: AcceptResult) -> None:
         pass  # nothing to trim: the verify pass already wrote the committed K/V of every layer
@@ -209,7 +217,7 @@ class EarlyExit:
         # 1. the root (its K/V is not committed yet): node 0 at slot lengths + 0
         out = tree_forward(
             self.target, cache, roots.view(B, 1), torch.ones(B, 1, 1, dtype=torch.bool, device=dev),
-            torch.zeros(B, 1, dtype=torch.long, device=dev), base + 1, self.backend,
+            torch.zeros(B, 1, dtype=torch.long, device=dev), base + 1, self._backend,
             logits_to_keep=1, model_call=self.view,
         )
         first = out.logits[:, -1]  # [B, V]
@@ -220,7 +228,7 @@ class EarlyExit:
             n = new_tok.shape[1]
             mask = tree.ancestor_mask.gather(1, frontier.unsqueeze(-1).expand(B, n, N))  # [B, n, N]
             return tree_forward(
-                self.target, cache, new_tok, mask, tree.depths, base + N, self.backend,
+                self.target, cache, new_tok, mask, tree.depths, base + N, self._backend,
                 query_nodes=frontier, model_call=self.view,
             ).logits
 
