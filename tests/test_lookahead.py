@@ -262,3 +262,20 @@ def test_merge_drops_children_of_cut_nodes():
     assert m.tokens == [1, 5, 2]
     assert m.parents == [-1, -1, 0]
     assert Proposal(m.tokens, m.parents).first_chain() == [1, 2]
+
+
+# ---------------------------------------------------------------------------- adapter: proposal -> TokenTree
+def test_proposals_to_tree_layout_and_vocab_filter():
+    from types import SimpleNamespace
+
+    import torch
+
+    from drafters.lookahead import proposals_to_tree
+
+    state = SimpleNamespace(host_tokens=[[5, 6, 7], [1, 2]], device=torch.device("cpu"))
+    prop = Proposal([4, 300, 9, 8], [-1, 0, 1, -1], 2)  # 300 is outside a vocab of 256: it and 9 go
+    tree = proposals_to_tree(state, [prop, None], vocab=256)
+    assert tree.tokens.tolist() == [[7, 4, 8], [2, 0, 0]]  # padding nodes (invalid)
+    assert tree.parents.tolist() == [[-1, 0, 0], [-1, 0, 0]]
+    assert tree.valid_mask.tolist() == [[True, True, True], [True, False, False]]
+    assert tree.depths[0].tolist() == [0, 1, 1]
