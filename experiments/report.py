@@ -161,9 +161,9 @@ def markdown(points: list[dict], title: str) -> str:
         ]) + " |")
     models = sorted({str(p["model"]) for p in points})
     sets = sorted({str(p["dataset"]) for p in points})
-    lines += ["", f"Model: {', '.join(models)}; prompts: {', '.join(sets)}. TPOT = decode time / (new tokens - 1), "
-              "token-weighted over requests; τ = tokens committed per verify step (bonus included); α = accepted / "
-              "drafted tokens; speedup = AR TPOT / TPOT (AR = drafter=none in the same sweep)."]
+    lines += ["", (f"Model: {', '.join(models)}; prompts: {', '.join(sets)}. TPOT = decode time / (new tokens - 1), "
+                   "token-weighted over requests; τ = tokens committed per verify step (bonus included); α = accepted / "
+                   "drafted tokens; speedup = AR TPOT / TPOT (AR = drafter=none in the same sweep).")]
     return "\n".join(lines) + "\n"
 
 

@@ -134,7 +134,7 @@ def test_every_landed_drafter_has_a_yaml_and_is_swept():
         node = OmegaConf.load(CONF_DIR / "drafter" / f"{opt}.yaml")
         if "_target_" in node:
             targets[node._target_] = opt
-    swept = str(compose([f"sweep=acceptance_vs_tpot"], return_hydra_config=True).hydra.sweeper.params.drafter).split(",")
+    swept = str(compose(["sweep=acceptance_vs_tpot"], return_hydra_config=True).hydra.sweeper.params.drafter).split(",")
     for name, mod in drafters._LAZY.items():
         if importlib.util.find_spec(f"drafters{mod}") is None:
             continue  # not landed
