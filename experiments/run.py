@@ -311,8 +311,10 @@ def main(argv: list[str] | None = None) -> None:
     import hydra
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc")
-               or a.startswith("--info") or a.startswith("--cfg") for a in argv):
+    # the pre-check composes conf/config.yaml; skip it for help/info and for another config dir/name
+    passthrough = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc",
+                   "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun")
+    if not any(a.split("=", 1)[0] in passthrough for a in argv):
         try:
             check_overrides(argv)
         except ConfigError as e:
