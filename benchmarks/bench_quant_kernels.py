@@ -95,7 +95,7 @@ def tolerance(dtype: torch.dtype) -> float:
 RAGGED_SIZES = [(1000, 1000), (77, 3001), (4099, 4101)]
 RAGGED_FORCED = [QuantConfig(gemv=True, block_n=16, block_k=64, split_k=3),
                  QuantConfig(gemv=False, block_m=16, block_n=32, block_k=32, split_k=2),
-                 QuantConfig(gemv=False, block_m=64, block_n=128, block_k=256, split_k=1)]
+                 QuantConfig(gemv=False, block_m=32, block_n=64, block_k=256, split_k=1, num_stages=2)]  # per-element scales
 
 
 def check_ragged(log) -> bool:
@@ -110,7 +110,12 @@ def check_ragged(log) -> bool:
         x = torch.randn(M, K, device=DEV, generator=gen).to(dtype)
         ref = x.float() @ deq.t()
         for cfg in (forced if dtype == torch.bfloat16 else forced[:1]):
-            y = quant_matmul(x, q, s, bits, GROUP, cfg)
+            try:
+                y = quant_matmul(x, q, s, bits, GROUP, cfg)
+            except Exception as ex:  # e.g. a tile that needs more shared memory than this Triton allots
+                ok = False
+                log(f"FAIL ragged bits={bits} N={N} K={K} M={M} {dtype} cfg={cfg}: {type(ex).__name__}: {str(ex)[:150]}")
+                continue
             e = rel_err(y, ref)
             if not (e <= tolerance(dtype)) or y.shape != (M, N) or y.dtype != dtype:
                 ok = False

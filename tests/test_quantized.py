@@ -1,0 +1,214 @@
+"""QuantizedCopy (int8 / int4 weight-only copy of the target) and its W8A16 / W4A16 kernels.
+
+* quantize -> dequantize error: ``|w - dequant(q)| <= s / 2`` elementwise (s = the element's
+  channel (int8) or group (int4) scale), and ``s`` is the absmax scale of that channel / group;
+* Triton kernels (under ``TRITON_INTERPRET=1`` on CPU, as ``scripts/test.sh`` sets) against the
+  PyTorch dequantize-then-matmul reference, fresh random inputs, M in {1, 4, 16, 64}, K and N not
+  multiples of any block size, both kernels (GEMV and tensor-core), split-K on and off;
+* greedy equality through ``specdec.generate`` with QuantizedCopy int8 / int4, chain and tree, on
+  tiny random models and on SmolLM2-135M (fp32) -- lossless regardless of draft quality;
+* the target is untouched, the copy's memory is reported, bad arguments raise one clear error.
+"""
+
+import functools
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import specdec
+from drafters import QuantizedCopy
+from drafters.kernels.quant_matmul import (
+    QuantConfig,
+    dequantize_int4,
+    dequantize_int8,
+    quant_matmul,
+    quant_matmul_ref,
+    quantize_int4,
+    quantize_int8,
+    unpack_int4,
+)
+from drafters.quantized import QuantLinear
+from tests.helpers import ARCHS, hf_greedy, tiny_model
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _weights(N, K, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * 0.05
+    w[0] *= 0.0  # an all-zero row
+    w[1, :7] *= 40.0  # outliers in one row / group
+    return w
+
+
+# ------------------------------------------------------------------ quantize / dequantize
+@pytest.mark.parametrize("N,K", [(37, 100), (64, 129)])
+def test_int8_roundtrip_bound(N, K):
+    w = _weights(N, K, 0)
+    q, s = quantize_int8(w)
+    assert q.dtype == torch.int8 and q.shape == (N, K) and s.shape == (N,)
+    assert int(q.abs().max()) <= 127
+    amax = w.abs().amax(1)
+    nz = amax > 0
+    torch.testing.assert_close(s[nz], amax[nz] / 127)
+    err = (w - dequantize_int8(q, s)).abs()
+    assert (err <= s[:, None] / 2 * (1 + 1e-5) + 1e-12).all()
+    assert (dequantize_int8(q, s)[0] == 0).all()  # zero rows stay exactly zero
+
+
+@pytest.mark.parametrize("N,K,G", [(37, 100, 32), (20, 256, 128), (5, 300, 64), (8, 17, 16)])
+def test_int4_roundtrip_bound(N, K, G):
+    w = _weights(N, K, 1)
+    packed, s = quantize_int4(w, G)
+    ng = -(-K // G)
+    assert packed.dtype == torch.uint8 and packed.shape == (N, ng * G // 2) and s.shape == (ng, N)
+    q = unpack_int4(packed)
+    assert int(q.min()) >= -8 and int(q.max()) <= 7
+    assert (q[:, K:] == 0).all()  # ragged K: padding quantizes to zero
+    wp = torch.zeros(N, ng * G)
+    wp[:, :K] = w
+    amax = wp.view(N, ng, G).abs().amax(2).t()  # [ng, N]
+    nz = amax > 0
+    torch.testing.assert_close(s[nz], amax[nz] / 7)
+    deq = dequantize_int4(packed, s, K, G)
+    assert deq.shape == (N, K)
+    s_el = s.t().repeat_interleave(G, dim=1)[:, :K]  # [N, K] scale of each element
+    assert ((w - deq).abs() <= s_el / 2 * (1 + 1e-5) + 1e-12).all()
+    # nibble layout: element 2j in the low nibble, 2j+1 in the high one
+    p = packed.to(torch.int16)
+    torch.testing.assert_close(((p & 0xF) - 8).float(), q[:, 0::2].float())
+    torch.testing.assert_close(((p >> 4) - 8).float(), q[:, 1::2].float())
+
+
+def test_bad_arguments_raise_one_clear_error():
+    m = tiny_model("llama")
+    with pytest.raises(ValueError, match="bits must be 8 or 4"):
+        QuantizedCopy(m, bits=3)
+    with pytest.raises(ValueError, match="group_size"):
+        QuantizedCopy(m, bits=4, group_size=100)
+    with pytest.raises(ValueError, match="group_size"):
+        quantize_int4(torch.randn(4, 64), 8)
+    with pytest.raises(ValueError, match="scales must be"):
+        quant_matmul(torch.randn(2, 64), *quantize_int4(torch.randn(4, 64), 32), 4, group_size=16)
+
+
+# ------------------------------------------------------------------ Triton kernels vs reference
+GEMV = [QuantConfig(gemv=True, block_n=16, block_k=64), QuantConfig(gemv=True, block_n=32, block_k=32, split_k=3)]
+GEMM = [QuantConfig(gemv=False, block_m=16, block_n=32, block_k=64, split_k=2),
+        QuantConfig(gemv=False, block_m=32, block_n=16, block_k=128)]  # block_k 128 > group 32: per-element scales
+
+
+@pytest.mark.skipif(not INTERPRET, reason="Triton kernels run on CPU only under TRITON_INTERPRET=1 (scripts/test.sh)")
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("M", [1, 4, 16, 64])
+def test_kernels_match_reference(bits, M):
+    g = torch.Generator().manual_seed(100 * bits + M)
+    N, K, G = 45, 197, 32  # neither a multiple of any block size; K not a multiple of the group
+    w = torch.randn(N, K, generator=g) * 0.05
+    q, s = quantize_int8(w) if bits == 8 else quantize_int4(w, G)
+    configs = [None] + (GEMV if M <= 4 else []) + GEMM
+    for dtype in (torch.float32, torch.float16):  # bf16 tl.dot is not emulated by the interpreter
+        x = torch.randn(M, K, generator=g).to(dtype)
+        ref = quant_matmul_ref(x, q, s, bits, K, G).float()
+        for cfg in configs:
+            y = quant_matmul(x, q, s, bits, G, cfg)
+            assert y.shape == (M, N) and y.dtype == dtype
+            rel = ((y.float() - ref).norm() / ref.norm()).item()
+            assert rel < (1e-5 if dtype == torch.float32 else 2e-3), (dtype, cfg, rel)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1")
+def test_kernel_plain_conversion_path_matches():
+    g = torch.Generator().manual_seed(7)
+    for bits in (8, 4):
+        w = torch.randn(33, 70, generator=g)
+        q, s = quantize_int8(w) if bits == 8 else quantize_int4(w, 16)
+        x = torch.randn(3, 70, generator=g)
+        ref = quant_matmul_ref(x, q, s, bits, 70, 16)
+        for cfg in (QuantConfig(gemv=True, block_n=16, block_k=32, magic=False),
+                    QuantConfig(gemv=False, block_m=16, block_n=16, block_k=32, magic=False)):
+            torch.testing.assert_close(quant_matmul(x, q, s, bits, 16, cfg), ref, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ the quantized copy
+def test_copy_leaves_target_untouched_and_reports_memory():
+    m = tiny_model("qwen2", seed=3)  # qwen2: q/k/v biases
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    ptrs = {k: v.data_ptr() for k, v in m.state_dict().items()}
+    n_lin = sum(type(mod) is nn.Linear for mod in m.modules())
+    for bits in (8, 4):
+        d = QuantizedCopy(m, bits=bits, group_size=32)
+        qlin = [mod for mod in d.model.modules() if isinstance(mod, QuantLinear)]
+        assert len(qlin) == n_lin and not any(type(mod) is nn.Linear for mod in d.model.modules())
+        assert d.model.get_input_embeddings().weight is m.get_input_embeddings().weight  # shared, not copied
+        rep = d.memory_report()
+        assert rep.copy_bytes == d.memory_bytes() > 0
+        assert rep.shared_bytes == m.get_input_embeddings().weight.numel() * 4
+        # int8: 1 byte + 4/K scale bytes per weight vs 4 (fp32); int4 (G=32): 0.5 + 4/32
+        per_w = 1 + 4 / 64 if bits == 8 else 0.5 + 4 / 32
+        assert rep.quantized_bytes < rep.float_linear_bytes * (per_w / 4) * 1.1
+        assert rep.copy_bytes < rep.target_bytes
+        x = torch.randn(5, 64)
+        q0 = qlin[0]
+        torch.testing.assert_close(q0(x), x @ q0.dequantize().t() + (0 if q0.bias is None else q0.bias))
+    after = m.state_dict()
+    assert all(torch.equal(before[k], after[k]) and after[k].data_ptr() == ptrs[k] for k in before)
+    assert all(type(mod) is not QuantLinear for mod in m.modules())
+
+
+def _prompt(seed=1, T=10):
+    return torch.randint(3, 256, (1, T), generator=torch.Generator().manual_seed(seed))
+
+
+SHAPES = {"chain": dict(depth=4), "tree": dict(depth=3, branching=2, width=4)}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("bits,group", [(8, 128), (4, 32), (4, 128)])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_greedy_equals_hf_tiny(arch, bits, group, shape):
+    model = tiny_model(arch)
+    ids = _prompt()
+    ref = hf_greedy(model, ids, 40, eos_token_id=[])
+    d = QuantizedCopy(model, bits=bits, group_size=group, **SHAPES[shape])
+    out = specdec.generate(model, ids, drafter=d, max_new_tokens=40, eos_token_id=[], budget=8)
+    assert out.sequences.tolist() == ref.tolist()
+    assert out.stats.tau > 1.0  # the copy agrees with the target on some tokens
+
+
+def test_greedy_equals_hf_unquantized_head_and_uncached_path():
+    model = tiny_model("llama", seed=5)
+    ids = _prompt(seed=4)
+    ref = hf_greedy(model, ids, 30, eos_token_id=[])
+    d = QuantizedCopy(model, bits=4, group_size=16, depth=3, quantize_head=False, cache_dequantized=False)
+    assert d.model.get_output_embeddings().weight is model.get_output_embeddings().weight
+    out = specdec.generate(model, ids, drafter=d, max_new_tokens=30, eos_token_id=[], budget=6)
+    assert out.sequences.tolist() == ref.tolist()
+    assert d.memory_report().cpu_cache_bytes == 0
+
+
+@functools.lru_cache(maxsize=1)
+def _smollm2_case(n: int = 64):
+    """(model, prompt ids, HF greedy reference) for one MT-bench prompt, computed once."""
+    from experiments.prompts import chat_ids, load_prompts
+    from tests.helpers import smollm2
+
+    model, tok = smollm2()
+    rec = load_prompts("mtbench", limit=1)[0]
+    ids = torch.tensor([chat_ids(tok, rec.turns[:1])])
+    return model, ids, hf_greedy(model, ids, n, eos_token_id=[])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits,shape", [(8, "chain"), (4, "tree")])
+def test_greedy_equals_hf_smollm2(bits, shape):
+    model, ids, ref = _smollm2_case()
+    d = QuantizedCopy(model, bits=bits, group_size=128, **SHAPES[shape])
+    out = specdec.generate(model, ids, drafter=d, max_new_tokens=ref.shape[1] - ids.shape[1], eos_token_id=[], budget=8)
+    assert out.sequences.tolist() == ref.tolist()
+    assert out.stats.tau > 1.5, out.stats  # a real quantized copy drafts well (int8 ~4.5, int4 tree ~2.3)
+    rep = d.memory_report()
+    assert rep.quantized_bytes < rep.float_linear_bytes * (0.27 if bits == 8 else 0.15)
+    assert rep.shared_bytes > 0  # the embedding table is the target's
