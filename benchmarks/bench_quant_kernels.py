@@ -299,8 +299,12 @@ def main() -> int:
                         all_ok = False
                         log(f"FAIL {name} M={M} bits={bits} {cfg}: rel err {e:.2e}")
                         continue
-                    t = bench([lambda q=q, s=s, c=cfg: quant_matmul(x, q, s, bits, GROUP, c) for q, s in copies[bits]],
-                              args.warmup, args.rep)
+                    try:
+                        t = bench([lambda q=q, s=s, c=cfg: quant_matmul(x, q, s, bits, GROUP, c) for q, s in copies[bits]],
+                                  args.warmup, args.rep)
+                    except Exception as ex:
+                        log(f"  skip {cfg} (timing): {type(ex).__name__}: {str(ex)[:120]}")
+                        continue
                     if cfg is dflt:
                         t_default = t
                     if best is None or t < best[0]:
