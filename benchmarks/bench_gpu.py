@@ -137,8 +137,21 @@ def bench_8b(args, graphs: Graphs, device) -> None:
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    if args.peaked_8b:
+        # Timing-only model with a bf16-robust argmax: with plain random weights the argmax is
+        # near-tied and flips between GEMM shapes (M=1 AR vs M=16 tree), so a replayed continuation
+        # stops matching after the first flip (measured: tau ~1.0 even at corruption 0). Zeroing the
+        # residual branches' output projections and copying the embedding into the (untied) head
+        # makes logits = E . norm(e_t): the argmax is the input token with a ~sqrt(hidden) margin.
+        # Same shapes, same bytes, same kernels: timing is unchanged.
+        with torch.no_grad():
+            model.lm_head.weight.copy_(model.model.embed_tokens.weight)
+            for layer in model.model.layers:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
     _sync()
-    R = RESULTS["8b"] = {"config": "smoke-tiny" if args.smoke else "Llama-3-8B shape, bf16, random weights",
+    R = RESULTS["8b"] = {"config": ("smoke-tiny" if args.smoke else "Llama-3-8B shape, bf16, random weights")
+                         + (" (peaked: o/down proj zeroed, head = embedding)" if args.peaked_8b else ""),
                          "create_s": time.perf_counter() - t0}
     wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     emb = model.get_input_embeddings().weight
@@ -437,12 +450,14 @@ def main(argv=None):
     ap.add_argument("--new-8b", type=int, default=128)
     ap.add_argument("--hf-new-8b", type=int, default=32)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--no-peaked-8b", dest="peaked_8b", action="store_false",
+                    help="keep the 8B model's random weights as created (argmax near-ties: Replay tau collapses)")
     ap.add_argument("--lookahead-budget", type=int, default=15)
     ap.add_argument("--model-depth", type=int, default=4)
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.smoke:
-        args.prompts, args.new, args.new_8b, args.hf_new_8b, args.iters = min(args.prompts, 2), min(args.new, 12), 16, 4, 2
+        args.prompts, args.new, args.new_8b, args.hf_new_8b, args.iters = min(args.prompts, 2), min(args.new, 12), 96, 4, 2
         args.prompt_len_8b = 16
     graphs = Graphs(device.type == "cuda")
     RESULTS["device"] = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
