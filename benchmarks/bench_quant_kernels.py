@@ -17,6 +17,7 @@ M = 64: no slower than bf16.
 
 Usage: python benchmarks/bench_quant_kernels.py [--out DIR] [--budget-s 200] [--no-sweep]
        TRITON_INTERPRET=1 python benchmarks/bench_quant_kernels.py --smoke   # CPU dry run of the script
+       python benchmarks/bench_quant_kernels.py --compile-check               # compile every variant for sm_90, no GPU
 """
 
 from __future__ import annotations
@@ -198,6 +199,55 @@ def warm_tasks(args) -> list:
     return [t + (DEV,) for t in tasks]
 
 
+def compile_check(args) -> int:
+    """Compile every variant the GPU run launches, offline for sm_90 (no GPU; needs Triton's bundled
+    ptxas), and flag shared memory near the H100/H200 limit (227 KiB). Other Triton versions may
+    need more (3.6 asked 256 KiB for a tile that 3.9 fit in 224 KiB), so warn above 160 KiB."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    qm = importlib.import_module("drafters.kernels.quant_matmul")
+    names = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+    seen, bad = set(), 0
+    for bits, cfg, dt, N, K, M, _ in warm_tasks(args):
+        cfg = cfg or default_config(M, N, K, bits, GROUP)
+        atomic = cfg.split_k > 1 and K > cfg.block_k  # an upper bound on the variants
+        for at in {atomic, False}:
+            key = (bits, cfg, dt, at)
+            if key in seen:
+                continue
+            seen.add(key)
+            xdt = names[dt]
+            sig = dict(x_ptr="*" + xdt, w_ptr="*i8" if bits == 8 else "*u8", s_ptr="*fp32", y_ptr="*" + ("fp32" if at else xdt))
+            if cfg.gemv:
+                fn = qm._qgemv_kernel
+                ints = ["N", "K", "KP", "k_per_split", "stride_xm", "stride_wn", "stride_ym"]
+                ce = dict(BITS=bits, GROUP=GROUP if bits == 4 else 1 << 30, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                          ATOMIC=at, MAGIC=cfg.magic)
+            else:
+                fn = qm._qgemm_kernel
+                ints = ["M", "N", "K", "KP", "k_per_split", "stride_xm", "stride_wn", "stride_ym"]
+                ce = dict(BITS=bits, GROUP=GROUP if bits == 4 else 1 << 30, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                          BLOCK_K=cfg.block_k, ATOMIC=at, FP32=xdt == "fp32", MAGIC=cfg.magic)
+            sig.update({k: "i32" for k in ints})
+            sig.update({k: "constexpr" for k in ce})
+            try:
+                k = triton.compile(ASTSource(fn, sig, constexprs=ce), target=GPUTarget("cuda", 90, 32),
+                                   options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                shared = k.metadata.shared
+                if shared > 160 * 1024:
+                    bad += 1
+                    print(f"WARN shared {shared >> 10} KiB: bits={bits} {dt} atomic={at} {cfg}")
+            except Exception as e:
+                bad += 1
+                print(f"FAIL bits={bits} {dt} atomic={at} {cfg}: {type(e).__name__}: {str(e)[:300]}")
+    print(f"compile check: {len(seen)} variants, {bad} failed or near the shared-memory limit")
+    return 1 if bad else 0
+
+
 def bench(fns, warmup: int, rep: int) -> float:
     """Median ms of one call, cycling through ``fns`` (different weight copies)."""
     it = itertools.cycle(fns)
@@ -219,8 +269,11 @@ def main() -> int:
     ap.add_argument("--rep", type=int, default=40)
     ap.add_argument("--jobs", type=int, default=12, help="processes that pre-compile the kernels (0: none)")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run under TRITON_INTERPRET=1 (tiny shapes)")
+    ap.add_argument("--compile-check", action="store_true", help="compile all variants offline for sm_90, no GPU")
     args = ap.parse_args()
     global DEV, SHAPES, MS
+    if args.compile_check:
+        return compile_check(args)
     if args.smoke:
         DEV, SHAPES, MS = "cpu", [("tiny", 100, 300)], (1, 16)
     elif not torch.cuda.is_available():
