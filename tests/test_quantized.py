@@ -210,5 +210,5 @@ def test_greedy_equals_hf_smollm2(bits, shape):
     assert out.sequences.tolist() == ref.tolist()
     assert out.stats.tau > 1.5, out.stats  # a real quantized copy drafts well (int8 ~4.5, int4 tree ~2.3)
     rep = d.memory_report()
-    assert rep.quantized_bytes < rep.float_linear_bytes * (0.27 if bits == 8 else 0.15)
+    assert rep.quantized_bytes < rep.float_linear_bytes * (0.27 if bits == 8 else 0.16)  # int4: 0.53 B/weight + K padding 576 -> 640
     assert rep.shared_bytes > 0  # the embedding table is the target's
