@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from specdec.attention import bind_model, sdpa_tree_attention
+from specdec.attention import sdpa_tree_attention
 from specdec.forward import tree_forward
 from specdec.generate import SpecDecInputError
 from specdec.state import AcceptResult, DecodeState
@@ -171,8 +171,7 @@ class EarlyExit:
         self.threshold = None if threshold is None else float(threshold)
         self.backend = backend
         self._backend: Callable = backend or sdpa_tree_attention
-        bind_model(target)  # the engine's own (public, idempotent) attention binding, before the config copy
-        self.view = truncated_view(target, kept)
+        self.view = truncated_view(target, kept)  # validates the architecture now; rebuilt in prefill
 
     def __repr__(self) -> str:
         skip = f", skip_layers={sorted(self.skip_layers)}" if self.skip_layers else ""
@@ -197,6 +196,9 @@ class EarlyExit:
             raise SpecDecInputError(
                 f"target cache has {state.cache.num_layers} layers, the model {self.num_layers}: EarlyExit shares it"
             )
+        # generate() has bound the target to the "specdec" attention by now; copy its config again
+        # so the view's config matches (cheap: one config deepcopy and two module shells)
+        self.view = truncated_view(self.target, self.layers)
         if self.backend is None:
             from specdec.generate import default_verifier
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -18,6 +20,12 @@ def _prompt(batch: int = 1, length: int = 10, seed: int = 1, vocab: int = 256) -
     return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+@functools.cache
+def _hf_reference(arch: str, new: int) -> torch.Tensor:
+    """HF greedy output for the shared prompt (computed once per arch, reused by every mode)."""
+    return hf_greedy(tiny_model(arch, seed=0, vocab=256, layers=LAYERS), _prompt(), new)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 @pytest.mark.parametrize(
     "kw",
@@ -32,9 +40,8 @@ def _prompt(batch: int = 1, length: int = 10, seed: int = 1, vocab: int = 256) -
 def test_greedy_equals_hf(arch, kw):
     model = tiny_model(arch, seed=0, vocab=256, layers=LAYERS)
     ids = _prompt()
-    ref = hf_greedy(model, ids, 24)
     out = generate(model, ids, drafter=EarlyExit(model, **kw), max_new_tokens=24, budget=8)
-    assert torch.equal(out.sequences, ref)
+    assert torch.equal(out.sequences, _hf_reference(arch, 24))
     assert out.stats.drafted_tokens > 0
 
 
@@ -106,6 +113,7 @@ def test_model_is_not_mutated():
     ids = _prompt(seed=6)
     logits_before = model(ids).logits
     d = EarlyExit(model, exit_layer=2, depth=3)
+    assert model.config.to_dict() == cfg_before  # building the drafter touches nothing
     generate(model, ids, drafter=d, max_new_tokens=8)
     cfg_after = model.config.to_dict()
     cfg_before.pop("_attn_implementation_autoset", None), cfg_after.pop("_attn_implementation_autoset", None)
@@ -170,18 +178,23 @@ def test_other_target_rejected():
         generate(other, _prompt(), drafter=EarlyExit(model, exit_layer=2), max_new_tokens=4)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kw", [dict(exit_layer=12, depth=4), dict(exit_layer=18, depth=3, branching=2, width=4)],
-                         ids=["chain", "tree"])
-def test_smollm2_greedy_equals_hf(kw):
+@functools.cache
+def _smollm2_reference(new: int):
+    """(model, ids [1, T], HF greedy output) for the first MT-bench question."""
     from experiments.prompts import chat_ids, load_prompts
     from tests.helpers import smollm2
 
     model, tok = smollm2()
     q = load_prompts("mtbench", limit=1)[0]
-    ids = chat_ids(tok, q.turns[:1])
-    ids = torch.as_tensor(ids).reshape(1, -1)
-    ref = hf_greedy(model, ids, 64, eos_token_id=-1)
+    ids = torch.as_tensor(chat_ids(tok, q.turns[:1])).reshape(1, -1)
+    return model, ids, hf_greedy(model, ids, new, eos_token_id=-1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kw", [dict(exit_layer=12, depth=4), dict(exit_layer=18, depth=3, branching=2, width=4)],
+                         ids=["chain", "tree"])
+def test_smollm2_greedy_equals_hf(kw):
+    model, ids, ref = _smollm2_reference(64)
     out = generate(model, ids, drafter=EarlyExit(model, **kw), max_new_tokens=64, eos_token_id=-1)
     assert torch.equal(out.sequences, ref)
     assert out.stats.accepted_tokens > 0
