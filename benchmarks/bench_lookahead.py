@@ -182,6 +182,18 @@ def run_reference(args) -> dict:
 
     model, tok = load_target(args)
     pl = PromptLookupRunner(model, tok, args.max_new_tokens)
+    if args.extend_warm:
+        # decode more warm-up conversations for an existing reference (eval requests unchanged)
+        doc = json.loads(Path(args.extend_warm).read_text())
+        for name, s in doc["sets"].items():
+            n_turns = 2 if name == "mtbench" else 1
+            have = doc["config"]["warm_prompts"]
+            more = load_set(args, name, args.warm_prompts - have, doc["config"]["prompts"] + have)
+            t0 = time.perf_counter()
+            s["warm"] += [q for r in more for q in pl.conversation(r.turns[:n_turns])]
+            print(f"[{name}] +{len(more)} warm-up conversations in {time.perf_counter() - t0:.1f} s", flush=True)
+        doc["config"]["warm_prompts"] = args.warm_prompts
+        return doc
     doc = {"config": vars(args).copy(), "device": str(pl.device), "sets": {}}
     for name in args.sets:
         n_turns = 2 if name == "mtbench" else 1
@@ -329,8 +341,10 @@ def replay_set(s: dict, budget: int, times: dict | None = None) -> tuple[dict, d
     return {m: t.row() for m, t in tallies.items()}, first
 
 
-def capacity_run(doc: dict, n_requests: int, capacity: int, seed: int = 0) -> dict:
-    """Feed a Turbo cache ``n_requests`` requests; report its largest node count after any update."""
+def capacity_run(doc: dict, n_requests: int, capacity: int, seed: int = 0, perturb: float = 0.03) -> dict:
+    """Feed a Turbo cache ``n_requests`` requests (recorded prompts, last 128 tokens, and outputs,
+    each token replaced by a random one with probability ``perturb`` so that new n-grams keep
+    coming); report its largest node count after any update."""
     from lookahead.turbo import TurboLookaheadCache
 
     pool = [(q["prompt"], q["output"]) for s in doc["sets"].values() for q in s["eval"] + s["warm"]]
@@ -339,10 +353,13 @@ def capacity_run(doc: dict, n_requests: int, capacity: int, seed: int = 0) -> di
     cache = TurboLookaheadCache(capacity=capacity)
     worst = 0
     t0 = time.perf_counter()
-    for _ in range(n_requests):
+    for r in range(n_requests):
+        if r and r % 2000 == 0:
+            print(f"  capacity run: {r} requests, {cache.node_count} nodes, {cache.evictions} evictions, "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
         prompt, out = pool[rng.randrange(len(pool))]
-        prompt = [rng.randrange(vocab) if rng.random() < 0.1 else t for t in prompt[-256:]]
-        out = [rng.randrange(vocab) if rng.random() < 0.1 else t for t in out]
+        prompt = [rng.randrange(vocab) if rng.random() < perturb else t for t in prompt[-128:]]
+        out = [rng.randrange(vocab) if rng.random() < perturb else t for t in out]
         h = cache.begin(prompt)
         worst = max(worst, cache.node_count)
         for j in range(0, len(out), 4):
@@ -351,7 +368,7 @@ def capacity_run(doc: dict, n_requests: int, capacity: int, seed: int = 0) -> di
         cache.end(h)
     return {"requests": n_requests, "capacity": capacity, "max_nodes": worst, "final_nodes": cache.node_count,
             "walked_nodes": cache.count_nodes(), "evictions": cache.evictions,
-            "wall_s": time.perf_counter() - t0, "within_capacity": worst <= capacity}
+            "wall_s": time.perf_counter() - t0, "within_capacity": worst <= capacity, "perturb": perturb}
 
 
 def print_table(results: dict, budget: int) -> None:
@@ -402,6 +419,8 @@ def run_replay(doc: dict, args) -> dict:
         print(f"  {name}: " + ", ".join(f"{m} {'==' if v['equal'] else '!='} ({v['replay']['steps']}, "
                                         f"{v['replay']['drafted']}) output {'ok' if v['generate_output_equals_reference'] else 'DIFFERS'}"
                                         for m, v in c.items()))
+    if not args.capacity_requests:
+        return rep
     rep["capacity"] = capacity_run(doc, args.capacity_requests, args.capacity)
     c = rep["capacity"]
     print(f"\ncapacity: {c['requests']} requests into a Turbo cache of capacity {c['capacity']}: largest node count "
@@ -428,6 +447,7 @@ def main(argv=None):
     ap.add_argument("--prompt-dir", default=None, help="read <set>.jsonl (Spec-Bench format) from here")
     ap.add_argument("--crosscheck-tokens", type=int, default=0,
                     help="max_new_tokens of the real generate() cross-check (default: --max-new-tokens)")
+    ap.add_argument("--extend-warm", default=None, help="run: add warm-up conversations to this reference file")
     ap.add_argument("--reference", default="results/bench_lookahead_reference.json")
     args = ap.parse_args(argv)
 
@@ -453,7 +473,7 @@ def main(argv=None):
             doc = json.loads(Path(args.reference).read_text())
         rep = run_replay(doc, args)
         Path("results").mkdir(exist_ok=True)
-        path = Path("results") / "bench_lookahead.json"
+        path = Path("results") / ("bench_lookahead.json" if args.capacity_requests else "bench_lookahead_tables.json")
         path.write_text(json.dumps({"config": vars(args), "reference_config": doc["config"],
                                     "reference_device": doc["device"], **rep}))
         print(f"wrote {path}")

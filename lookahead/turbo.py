@@ -31,6 +31,7 @@ is O(window). The node count never exceeds ``capacity``.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import json
 from dataclasses import dataclass, field
@@ -215,19 +216,26 @@ class TurboLookaheadCache:
         first, older first on ties; a removed node takes its subtree with it)."""
         target = min(int(self.capacity * self.evict_to), self.capacity - self.window)
         pw = self.prompt_weight
-        keys = []
+        scores, uids = [], []
         stack = [self._root]
         while stack:
             node = stack.pop()
             if node.children:
                 for c in node.children.values():
-                    keys.append((c.out + pw * c.inp, c.uid))
+                    scores.append(c.out + pw * c.inp)
+                    uids.append(c.uid)
                     stack.append(c)
-        thr = None
-        if len(keys) > target:
-            keys.sort()
-            thr = keys[len(keys) - target - 1]  # remove every key <= thr: len - target nodes at least
-        del keys
+        # the cut: every node whose (score, uid) is <= (thr_score, thr_uid), i.e. the k lowest
+        k = len(scores) - target
+        thr_score, thr_uid = float("-inf"), -1
+        if k > 0:
+            ordered = sorted(scores)
+            thr_score = ordered[k - 1]
+            ties_needed = k - bisect.bisect_left(ordered, thr_score)
+            del ordered
+            tie_uids = sorted(u for x, u in zip(scores, uids) if x == thr_score)
+            thr_uid = tie_uids[ties_needed - 1]
+        del scores, uids
         decay = self.decay
         kept = 0
         stack = [self._root]
@@ -238,7 +246,8 @@ class TurboLookaheadCache:
                 continue
             for tok in list(ch):
                 c = ch[tok]
-                if thr is not None and (c.out + pw * c.inp, c.uid) <= thr:
+                x = c.out + pw * c.inp
+                if x < thr_score or (x == thr_score and c.uid <= thr_uid):
                     del ch[tok]
                     continue
                 c.out *= decay
