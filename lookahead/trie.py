@@ -104,19 +104,30 @@ def merge_proposals(proposals: list[Proposal], budget: int) -> Proposal:
     """
     if budget < 0:
         raise ValueError(f"budget must be >= 0, got {budget}")
-    b = _Builder(budget)
-    maps: list[list[int | None]] = [[] for _ in proposals]
+    tokens: list[int] = []
+    parents: list[int] = []
+    index: dict[tuple[int, int], int] = {}
+    maps: list[list[int]] = [[] for _ in proposals]  # per proposal: its node -> merged node (-2: cut)
     longest = max((len(p) for p in proposals), default=0)
     for r in range(longest):
         for k, prop in enumerate(proposals):
-            if r >= len(prop):
+            if r >= len(prop.tokens):
                 continue
             par = prop.parents[r]
             new_par = -1 if par < 0 else maps[k][par]
-            nid = None if new_par is None else b.add(new_par, prop.tokens[r])
+            nid = -2
+            if new_par != -2:
+                key = (new_par, prop.tokens[r])
+                got = index.get(key)
+                if got is not None:
+                    nid = got
+                elif len(tokens) < budget:
+                    nid = index[key] = len(tokens)
+                    tokens.append(prop.tokens[r])
+                    parents.append(new_par)
             maps[k].append(nid)
     match = max((p.match_len for p in proposals), default=0)
-    return Proposal(b.tokens, b.parents, match if b.tokens else 0)
+    return Proposal(tokens, parents, match if tokens else 0)
 
 
 def check_knobs(*, min_match: int, max_match: int, branch_length: int) -> None:

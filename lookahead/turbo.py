@@ -291,27 +291,53 @@ class TurboLookaheadCache:
         return Proposal(builder.tokens, builder.parents, match_len if builder.tokens else 0)
 
     def _expand(self, builder: _Builder, start: _Node) -> bool:
+        """Best-first walk of ``start``'s subtree into ``builder`` (the hot path: inlined).
+
+        Of a node's children only the ``remaining budget`` best are queued: the others could
+        only be reached after that many better siblings, which would spend the budget first
+        (siblings that merge into nodes already in the tree are the rare exception).
+        """
         pw = self.prompt_weight
-        heap = []
-        for tok, c in start.children.items():
-            s = c.out + pw * c.inp
-            if s > 0:
-                heap.append((-s, -c.uid, 1, tok, -1, c))
+        budget = builder.budget
+        toks, pars, index = builder.tokens, builder.parents, builder._index
+        heappush, heappop = heapq.heappush, heapq.heappop
+        heap = [(-(c.out + pw * c.inp), -c.uid, 1, t, -1, c) for t, c in start.children.items()]
+        heap = [e for e in heap if e[0] < 0]
         if not heap:
             return False
+        room = budget - len(toks)
+        if len(heap) > room:
+            heap = heapq.nsmallest(room, heap)
         heapq.heapify(heap)
         cap = self.branch_length
         while heap:
-            _, _, depth, tok, parent, node = heapq.heappop(heap)
-            nid = builder.add(parent, tok)
+            _, _, depth, tok, parent, node = heappop(heap)
+            key = (parent, tok)
+            nid = index.get(key)
             if nid is None:
-                break
-            if depth >= cap or not node.children:
+                if len(toks) >= budget:
+                    break
+                nid = len(toks)
+                toks.append(tok)
+                pars.append(parent)
+                index[key] = nid
+            kids = node.children
+            if depth >= cap or not kids:
                 continue
-            for t2, c in node.children.items():
-                s = c.out + pw * c.inp
-                if s > 0:
-                    heapq.heappush(heap, (-s, -c.uid, depth + 1, t2, nid, c))
+            d1 = depth + 1
+            room = budget - len(toks)
+            if len(kids) == 1:
+                (t2, c), = kids.items()
+                x = c.out + pw * c.inp
+                if x > 0:
+                    heappush(heap, (-x, -c.uid, d1, t2, nid, c))
+                continue
+            cand = [(-(c.out + pw * c.inp), -c.uid, d1, t2, nid, c) for t2, c in kids.items()]
+            if len(cand) > room:
+                cand = heapq.nsmallest(room, cand)
+            for e in cand:
+                if e[0] < 0:
+                    heappush(heap, e)
         return True
 
     # ------------------------------------------------------------------ persistence
