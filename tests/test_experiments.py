@@ -196,3 +196,7 @@ def test_pareto_front():
            dict(tau=3.0, tpot_ms=45.0), dict(tau=3.0, tpot_ms=70.0)]
     # point 0 is dominated by 1 (higher tau, lower TPOT); 2 by 1; 4 by 3
     assert pareto_front(pts, "tau") == [1, 3]
+    # an oracle (replay) that dominates everything stays off the frontier of the real drafters
+    oracle = [{**p, "drafter": "lookahead_raw"} for p in pts] + [{"tau": 9.0, "tpot_ms": 10.0, "drafter": "replay"}]
+    assert pareto_front(oracle, "tau") == [1, 3]
+    assert pareto_front([{"tau": 9.0, "tpot_ms": 10.0, "drafter": "replay"}], "tau") == [0]
