@@ -265,8 +265,8 @@ class TurboLookaheadCache:
         ``max_match`` tokens are read).
 
         For n = ``max_match`` down to ``min_match`` while budget remains: find the node of the
-        context's last n tokens and add its subtree best-first by score (ties: newer node first),
-        at most ``branch_length`` deep; nodes already in the tree are merged.
+        context's last n tokens and add its subtree best-first by estimated path probability
+        (see :meth:`_expand`), at most ``branch_length`` deep; nodes already in the tree are merged.
         """
         check_budget(budget)
         builder = _Builder(budget)
@@ -293,16 +293,24 @@ class TurboLookaheadCache:
     def _expand(self, builder: _Builder, start: _Node) -> bool:
         """Best-first walk of ``start``'s subtree into ``builder`` (the hot path: inlined).
 
-        Of a node's children only the ``remaining budget`` best are queued: the others could
-        only be reached after that many better siblings, which would spend the budget first
-        (siblings that merge into nodes already in the tree are the rare exception).
+        Nodes rank by an estimate of the probability that the target reaches them: the product,
+        along the path, of ``score(child) / (score(parent) + 1)`` (the +1 discounts contexts seen
+        rarely), so the tree trades depth for breadth by expected acceptance (as EAGLE-2 ranks
+        by path confidence, https://arxiv.org/abs/2406.16858); ties go to the newer node. Of a
+        node's children only the ``remaining budget`` best are queued: the others could only be
+        reached after that many better siblings, which would spend the budget first (siblings
+        that merge into nodes already in the tree are the rare exception).
         """
         pw = self.prompt_weight
         budget = builder.budget
         toks, pars, index = builder.tokens, builder.parents, builder._index
         heappush, heappop = heapq.heappush, heapq.heappop
-        heap = [(-(c.out + pw * c.inp), -c.uid, 1, t, -1, c) for t, c in start.children.items()]
-        heap = [e for e in heap if e[0] < 0]
+        norm = 1.0 / (start.out + pw * start.inp + 1.0)
+        heap = []
+        for t, c in start.children.items():
+            x = c.out + pw * c.inp
+            if x > 0:
+                heap.append((-x * norm, -c.uid, 1, t, -1, c, x))
         if not heap:
             return False
         room = budget - len(toks)
@@ -311,7 +319,7 @@ class TurboLookaheadCache:
         heapq.heapify(heap)
         cap = self.branch_length
         while heap:
-            _, _, depth, tok, parent, node = heappop(heap)
+            neg_p, _, depth, tok, parent, node, xn = heappop(heap)
             key = (parent, tok)
             nid = index.get(key)
             if nid is None:
@@ -325,19 +333,17 @@ class TurboLookaheadCache:
             if depth >= cap or not kids:
                 continue
             d1 = depth + 1
-            room = budget - len(toks)
-            if len(kids) == 1:
-                (t2, c), = kids.items()
+            f = neg_p / (xn + 1.0)
+            cand = []
+            for t2, c in kids.items():
                 x = c.out + pw * c.inp
                 if x > 0:
-                    heappush(heap, (-x, -c.uid, d1, t2, nid, c))
-                continue
-            cand = [(-(c.out + pw * c.inp), -c.uid, d1, t2, nid, c) for t2, c in kids.items()]
+                    cand.append((f * x, -c.uid, d1, t2, nid, c, x))
+            room = budget - len(toks)
             if len(cand) > room:
                 cand = heapq.nsmallest(room, cand)
             for e in cand:
-                if e[0] < 0:
-                    heappush(heap, e)
+                heappush(heap, e)
         return True
 
     # ------------------------------------------------------------------ persistence
