@@ -51,7 +51,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,15 +173,13 @@ def feed(cache, req: dict) -> None:
 
 
 def run_reference(args) -> dict:
-    import torch
-
-    from drafters import HybridLookahead, RawLookahead, TurboLookahead
-    from lookahead.turbo import TurboLookaheadCache
-    from specdec.generate import generate
-    from verifiers import SDPAVerifier
-
     model, tok = load_target(args)
     pl = PromptLookupRunner(model, tok, args.max_new_tokens)
+    if args.mode == "crosscheck":
+        doc = json.loads(Path(args.reference).read_text())
+        for name, s in doc["sets"].items():
+            s["crosscheck"] = crosscheck(model, pl, s, args)
+        return doc
     if args.extend_warm:
         # decode more warm-up conversations for an existing reference (eval requests unchanged)
         doc = json.loads(Path(args.extend_warm).read_text())
@@ -203,26 +201,38 @@ def run_reference(args) -> dict:
                  for q in pl.conversation(r.turns[:n_turns])]
         print(f"[{name}] {len(evals)} eval + {len(warms)} warm-up requests decoded in {time.perf_counter() - t0:.1f} s",
               flush=True)
-        # cross-check: the real engine on the first evaluation request, cache states as in the replay
-        warm = TurboLookaheadCache()
-        for q in warms:
-            feed(warm, q)
-        q = evals[0]
-        x = torch.tensor([q["prompt"]], device=pl.device)
-        n_cc = args.crosscheck_tokens or args.max_new_tokens
-        checks = {"max_new_tokens": n_cc}
-        for m, drafter in (("raw", RawLookahead()), ("turbo_cold", TurboLookahead(TurboLookaheadCache())),
-                           ("turbo_warm", TurboLookahead(clone_cache(warm))),
-                           ("hybrid", HybridLookahead(clone_cache(warm)))):
-            out = generate(model, x, drafter=drafter, verifier=SDPAVerifier(), max_new_tokens=n_cc,
-                           budget=args.budget, eos_token_id=pl.eos)
-            new = out.new_tokens[0]
-            s = out.stats
-            checks[m] = {"steps": s.verify_steps, "drafted": s.drafted_tokens, "new_tokens": len(new),
-                         "tau": s.tau, "same_output": new == q["output"][:n_cc]}
-        print(f"  generate() cross-check on request 0: {checks}", flush=True)
-        doc["sets"][name] = {"eval": evals, "warm": warms, "crosscheck": checks}
+        doc["sets"][name] = {"eval": evals, "warm": warms}
+        doc["sets"][name]["crosscheck"] = crosscheck(model, pl, doc["sets"][name], args)
     return doc
+
+
+def crosscheck(model, pl, s: dict, args) -> dict:
+    """The real engine on the set's first evaluation request, cache states as in the replay."""
+    import torch
+
+    from drafters import HybridLookahead, RawLookahead, TurboLookahead
+    from lookahead.turbo import TurboLookaheadCache
+    from specdec.generate import generate
+    from verifiers import SDPAVerifier
+
+    warm = TurboLookaheadCache()
+    for q in s["warm"]:
+        feed(warm, q)
+    q = s["eval"][0]
+    x = torch.tensor([q["prompt"]], device=pl.device)
+    n_cc = args.crosscheck_tokens or args.max_new_tokens
+    checks = {"max_new_tokens": n_cc, "warm_requests": len(s["warm"])}
+    for m, drafter in (("raw", RawLookahead()), ("turbo_cold", TurboLookahead(TurboLookaheadCache())),
+                       ("turbo_warm", TurboLookahead(clone_cache(warm))),
+                       ("hybrid", HybridLookahead(clone_cache(warm)))):
+        out = generate(model, x, drafter=drafter, verifier=SDPAVerifier(), max_new_tokens=n_cc,
+                       budget=args.budget, eos_token_id=pl.eos)
+        new = out.new_tokens[0]
+        st = out.stats
+        checks[m] = {"steps": st.verify_steps, "drafted": st.drafted_tokens, "new_tokens": len(new),
+                     "tau": st.tau, "same_output": new == q["output"][:n_cc]}
+    print(f"  generate() cross-check on request 0: {checks}", flush=True)
+    return checks
 
 
 # ---------------------------------------------------------------------------- part 2: replay
@@ -327,7 +337,7 @@ def replay_set(s: dict, budget: int, times: dict | None = None) -> tuple[dict, d
             if m == "pld":
                 tallies[m].add(q["pld"]["steps"], q["pld"]["drafted"], len(q["output"]))
                 continue
-            if n == 0 and m in s["crosscheck"]:
+            if n == 0 and m in s["crosscheck"] and s["crosscheck"].get("warm_requests", len(s["warm"])) == len(s["warm"]):
                 # the same request cut at the cross-check's max_new_tokens, from the same cache state
                 n_cc = s["crosscheck"]["max_new_tokens"]
                 probe = _RawSide(q) if m == "raw" else _HybridSide(clone_cache(caches[m]), q) if m == "hybrid" \
@@ -431,7 +441,7 @@ def run_replay(doc: dict, args) -> dict:
 # ---------------------------------------------------------------------------- CLI
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=("all", "run", "replay", "dump-prompts"))
+    ap.add_argument("mode", choices=("all", "run", "replay", "crosscheck", "dump-prompts"))
     ap.add_argument("dir", nargs="?", help="dump-prompts: output folder")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--gguf", default=None, help="load the target from this GGUF file instead")
@@ -461,7 +471,7 @@ def main(argv=None):
                     f.write(json.dumps({"question_id": r.question_id, "category": r.category, "turns": r.turns}) + "\n")
         print(f"wrote {len(args.sets)} sets to {d}")
         return
-    if args.mode in ("all", "run"):
+    if args.mode in ("all", "run", "crosscheck"):
         doc = run_reference(args)
         out_dir = Path(os.environ["OUT"]) if args.mode == "run" and os.environ.get("OUT") else Path("results")
         out_dir.mkdir(parents=True, exist_ok=True)
