@@ -199,7 +199,7 @@ def summarize(rows: list[dict]) -> dict:
     tpot_s  = sum(decode time) / sum(new_tokens - 1)       (token-weighted; tpot_mean_s is per request)
     tau     = sum(new_tokens - 1) / sum(verify_steps)      (tokens per verify step, bonus included)
     alpha   = sum(accepted) / sum(drafted)
-    alpha_per_depth[d] = mean over the requests that drafted at depth d+1
+    alpha_per_depth[d] = sum(accepted at depth d+1) / sum(reached depth d+1)   (pooled over requests)
     """
     if not rows:
         raise ValueError("no requests to summarize")
@@ -209,13 +209,13 @@ def summarize(rows: list[dict]) -> dict:
     drafted = sum(r["drafted_tokens"] for r in rows)
     accepted = sum(r["accepted_tokens"] for r in rows)
     tpots = [r["tpot_s"] for r in rows if r["new_tokens"] > 1]
-    depth = max((len(r["alpha_per_depth"]) for r in rows), default=0)
+    depth = max((len(r["reached_per_depth"]) for r in rows), default=0)
     apd = []
     for d in range(depth):
-        vals = [r["alpha_per_depth"][d] for r in rows if d < len(r["drafted_per_depth"]) and r["drafted_per_depth"][d] > 0]
-        if not vals:
+        reached = sum(r["reached_per_depth"][d] for r in rows if d < len(r["reached_per_depth"]))
+        if not reached:
             break
-        apd.append(statistics.fmean(vals))
+        apd.append(sum(r["accepted_per_depth"][d] for r in rows if d < len(r["accepted_per_depth"])) / reached)
     matches = [r["greedy_match"] for r in rows if r.get("greedy_match") is not None]
     total_s = sum(r["total_s"] for r in rows)
     draft_s = sum(r["draft_s"] for r in rows)

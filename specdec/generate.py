@@ -399,6 +399,7 @@ def generate(
     drafted, reached, accepted_d = (c[: max(budget, 1) + 1] for c in counters.read())  # runner's are deeper
     stats.drafted_per_depth = drafted[1:]
     stats.accepted_per_depth = accepted_d[1:]
+    stats.reached_per_depth = reached[1:]
     stats.alpha_per_depth = [a / r if r else 0.0 for a, r in zip(accepted_d[1:], reached[1:])]
     stats.drafted_tokens = sum(drafted)
     stats.accepted_tokens = sum(accepted_d)

@@ -34,6 +34,7 @@ class GenerateStats:
     alpha_per_depth: list[float] = field(default_factory=list)
     drafted_per_depth: list[int] = field(default_factory=list)
     accepted_per_depth: list[int] = field(default_factory=list)
+    reached_per_depth: list[int] = field(default_factory=list)  # steps whose path reached depth d - 1 with a node at d
     tokens_per_s: float = 0.0
 
     def to_dict(self) -> dict:

@@ -168,22 +168,24 @@ def test_joblib_launcher(tmp_path):
 # ---------------------------------------------------------------------------- pure functions
 
 
-def _row(new, steps, total, ttft, drafted, accepted, apd, dpd):
+def _row(new, steps, total, ttft, drafted, accepted, reached_pd, accepted_pd):
     return dict(new_tokens=new, verify_steps=steps, total_s=total, ttft_s=ttft, tpot_s=(total - ttft) / max(new - 1, 1),
-                drafted_tokens=drafted, accepted_tokens=accepted, alpha_per_depth=apd, drafted_per_depth=dpd,
+                drafted_tokens=drafted, accepted_tokens=accepted, reached_per_depth=reached_pd,
+                accepted_per_depth=accepted_pd, alpha_per_depth=[a / r for a, r in zip(accepted_pd, reached_pd)],
                 draft_s=0.1, verify_s=0.3, question_id="q", greedy_match=None)
 
 
 def test_summarize_is_token_weighted():
     from experiments.run import summarize
 
-    rows = [_row(11, 5, 2.0, 1.0, 10, 5, [0.8, 0.2], [5, 5]), _row(21, 5, 3.0, 1.0, 10, 10, [1.0, 1.0], [5, 5]),
-            _row(5, 4, 1.0, 0.5, 4, 0, [0.0], [4])]
+    rows = [_row(11, 5, 2.0, 1.0, 10, 5, [5, 4], [4, 1]), _row(21, 5, 3.0, 1.0, 10, 10, [5, 5], [5, 5]),
+            _row(5, 4, 1.0, 0.5, 4, 0, [4], [0])]
     s = summarize(rows)
     assert math.isclose(s["tpot_s"], (1.0 + 2.0 + 0.5) / (10 + 20 + 4))
     assert math.isclose(s["tau"], (10 + 20 + 4) / 14)
     assert math.isclose(s["alpha"], 15 / 24)
-    assert s["alpha_per_depth"] == pytest.approx([(0.8 + 1.0 + 0.0) / 3, (0.2 + 1.0) / 2])
+    # pooled over requests: accepted at depth d / steps that reached depth d
+    assert s["alpha_per_depth"] == pytest.approx([(4 + 5 + 0) / (5 + 5 + 4), (1 + 5) / (4 + 5)])
     assert s["greedy_match_rate"] is None
     with pytest.raises(ValueError):
         summarize([])
