@@ -17,17 +17,15 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from benchmarks.tune_selfspec import (
     _csv,
-    dump_prompt_ids,
+    add_machine_args,
     load_prompt_ids,
-    load_target,
     machine,
     markdown_table,
     run_ar,
     run_config,
+    setup_target,
 )
 
 DATASETS = ("mtbench", "humaneval", "gsm8k")
@@ -43,35 +41,17 @@ def main(argv: list[str] | None = None):
     p.add_argument("--bits", default="8,4")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--gguf", default=None, help="load the target from this GGUF file instead of --model")
-    p.add_argument("--prompt-ids", default=None, help="JSON of pre-tokenized prompts (see --dump-prompt-ids)")
-    p.add_argument("--dump-prompt-ids", default=None, help="write pre-tokenized prompts to this JSON and exit")
+    add_machine_args(p)
     p.add_argument("--out", default="results/bench_selfspec_acceptance.json")
     args = p.parse_args(argv)
     from tqdm import tqdm
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    if args.dump_prompt_ids:
-        from specdec import load_model
-
-        _, tok = load_model(args.model)
-        dump_prompt_ids(tok, _csv(args.datasets, str), args.limit, args.dump_prompt_ids)
+    loaded = setup_target(args, _csv(args.datasets, str))
+    if loaded is None:
         return []
-    model, tok = load_target(args.model, "float32", args.device, args.gguf)
+    model, tok = loaded
     specs = [dict(kind="early_exit", exit_layer=k, depth=args.depth) for k in _csv(args.exit_layers, int)]
-    bits = _csv(args.bits, int)
-    missing = None
-    if bits:
-        try:
-            from drafters.quantized import QuantizedCopy  # noqa: F401
-        except ImportError as e:  # the quantized copy is a separate drafter; report, do not fake
-            missing = f"TODO: drafters.QuantizedCopy not importable ({e}); int8/int4 rows not measured"
-            bits = []
-    specs += [dict(kind="quantized", bits=b, group_size=args.group_size, depth=args.depth) for b in bits]
+    specs += [dict(kind="quantized", bits=b, group_size=args.group_size, depth=args.depth) for b in _csv(args.bits, int)]
     datasets = _csv(args.datasets, str)
     prompts = {d: load_prompt_ids(tok, d, args.limit, ids_file=args.prompt_ids) for d in datasets}
     bar = tqdm(total=sum(len(v) for v in prompts.values()) * (len(specs) + 1), desc="selfspec acceptance", unit="run")
@@ -95,11 +75,9 @@ def main(argv: list[str] | None = None):
     for r in results:
         if "memory" in r.extra and r.dataset == datasets[0]:
             print(f"{r.name}: {r.extra['memory']}")
-    if missing:
-        print(missing)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "machine": machine(args.device), "wall_s": wall, "ar": ar, "todo": missing,
+    out.write_text(json.dumps({"args": vars(args), "machine": machine(args.device), "wall_s": wall, "ar": ar,
                                "results": [asdict(r) for r in results]}, indent=2))
     print(f"wrote {out}")
     return results

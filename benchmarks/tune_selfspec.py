@@ -278,6 +278,29 @@ def _thr(x: str):
     return None if x.strip().lower() in ("none", "off", "") else float(x)
 
 
+def add_machine_args(p: argparse.ArgumentParser) -> None:
+    """Where and how the target runs; shared by the tuning command and the acceptance benchmark."""
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--gguf", default=None, help="load the target from this GGUF file instead of --model")
+    p.add_argument("--prompt-ids", default=None, help="JSON of pre-tokenized prompts (see --dump-prompt-ids)")
+    p.add_argument("--dump-prompt-ids", default=None, help="write pre-tokenized prompts to this JSON and exit")
+
+
+def setup_target(args, datasets: list[str], offset: int = 0):
+    """Apply ``add_machine_args`` options: returns ``(model, tokenizer)``, or None after ``--dump-prompt-ids``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if args.dump_prompt_ids:
+        from specdec import load_model
+
+        _, tok = load_model(args.model)
+        dump_prompt_ids(tok, datasets, args.limit, args.dump_prompt_ids, offset)
+        return None
+    return load_target(args.model, getattr(args, "dtype", "float32"), args.device, args.gguf)
+
+
 def main(argv: list[str] | None = None) -> list[ConfigResult]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="packaged name, HF folder or hub id")
@@ -294,25 +317,15 @@ def main(argv: list[str] | None = None) -> list[ConfigResult]:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--budget", type=int, default=None, help="max draft nodes per step (default: fits the tree)")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--gguf", default=None, help="load the target from this GGUF file instead of --model")
-    p.add_argument("--prompt-ids", default=None, help="JSON of pre-tokenized prompts (see --dump-prompt-ids)")
-    p.add_argument("--dump-prompt-ids", default=None, help="write pre-tokenized prompts to this JSON and exit")
+    add_machine_args(p)
     p.add_argument("--out", default="results/tune_selfspec.json")
     args = p.parse_args(argv)
     from tqdm import tqdm
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    if args.dump_prompt_ids:
-        from specdec import load_model
-
-        _, tok = load_model(args.model)
-        dump_prompt_ids(tok, [args.dataset], args.limit, args.dump_prompt_ids, args.offset)
+    loaded = setup_target(args, [args.dataset], args.offset)
+    if loaded is None:
         return []
-    model, tok = load_target(args.model, args.dtype, args.device, args.gguf)
+    model, tok = loaded
     n_layers = (model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config).num_hidden_layers
     prompts = load_prompt_ids(tok, args.dataset, args.limit, args.offset, args.prompt_ids)
     shape = dict(depth=args.depth, branching=args.branching, width=args.width)
