@@ -71,6 +71,8 @@ class StopChecker:
                 if not seq:
                     raise SpecDecInputError("empty stop token sequence")
                 self.token_seqs.append(seq)
+        # every token decodes to >= 1 character, so a stop string of c characters spans <= c tokens
+        self._window = max((len(s) for s in self.strings), default=0) + 8
 
     def cut(self, generated: list[int], n_new: int) -> int | None:
         """``generated`` ends with ``n_new`` fresh tokens; return how many of them to keep if
@@ -85,11 +87,12 @@ class StopChecker:
                 if i + 1 >= k and generated[i + 1 - k : i + 1] == seq:
                     return i - start + 1
             if self.strings:
-                text = self.tokenizer.decode(generated[: i + 1])
-                tail_from = max(0, len(text) - max(len(s) for s in self.strings) - 32)
-                prev = self.tokenizer.decode(generated[:i]) if i > 0 else ""
+                # a match that ends at token i lies in the last few tokens: decode a window, not the whole text
+                lo = max(0, i + 1 - self._window)
+                text = self.tokenizer.decode(generated[lo : i + 1])
+                prev = self.tokenizer.decode(generated[lo:i]) if i > lo else ""
                 for s in self.strings:
-                    if s in text[tail_from:] and s not in prev:
+                    if s in text and s not in prev:
                         return i - start + 1
         return None
 
