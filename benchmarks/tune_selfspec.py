@@ -33,21 +33,13 @@ __all__ = ["ConfigResult", "RunCounters", "load_prompt_ids", "main", "make_draft
 
 
 class RunCounters:
-    """Wraps a drafter to count draft forwards and per-depth acceptance on the host.
+    """Wraps a drafter to count draft forwards: one per level of each proposed tree (the root /
+    catch-up pass predicts level 1, each further level one pass). Reads the tree depth on the host
+    once per step (benchmark only). Per-depth acceptance comes from the engine's own stats."""
 
-    alpha at depth d = accepted at d / reached d, where a step "reached" d when its tree has a node
-    at depth d and every shallower level was accepted (the definition of :mod:`specdec.metrics`).
-    Draft forwards per step = depth of the proposed tree (one forward per level: the root / catch-up
-    pass predicts level 1, each further level one pass).
-    """
-
-    def __init__(self, inner, max_depth: int = 64):
+    def __init__(self, inner):
         self.inner = inner
-        self.reached = [0] * (max_depth + 1)
-        self.accepted = [0] * (max_depth + 1)
         self.forwards = 0
-        self.steps = 0
-        self._depth = 0
 
     def __getattr__(self, name):  # check(), memory_report(), ... of the wrapped drafter
         return getattr(self.inner, name)
@@ -57,19 +49,11 @@ class RunCounters:
 
     def propose(self, state, budget):
         tree = self.inner.propose(state, budget)
-        self._depth = int(tree.depths.max()) if tree.num_nodes > 1 else 0
-        self.forwards += self._depth
+        self.forwards += int(tree.depths.max()) if tree.num_nodes > 1 else 0
         return tree
 
     def observe(self, state, accepted):
         self.inner.observe(state, accepted)
-        acc = int(accepted.path_len[0]) - 1
-        for d in range(1, self._depth + 1):
-            if d <= acc + 1:
-                self.reached[d] += 1
-            if d <= acc:
-                self.accepted[d] += 1
-        self.steps += 1
 
 
 @dataclass
@@ -181,6 +165,12 @@ def run_ar(model, prompts: list[torch.Tensor], max_new_tokens: int, progress=Non
     return outs, tpot_sum / n, tok / tot
 
 
+def _add(a: list[int], b: list[int]) -> list[int]:
+    """Element-wise sum of two count lists of possibly different lengths."""
+    n = max(len(a), len(b))
+    return [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n)]
+
+
 def run_config(
     model,
     prompts: list[torch.Tensor],
@@ -207,6 +197,8 @@ def run_config(
         res.extra["memory"] = str(drafter.inner.memory_report())
     committed = draft_s = verify_s = total_s = 0.0
     drafted = accepted = 0
+    reached_pd: list[int] = []
+    accepted_pd: list[int] = []
     for ids, ref in zip(prompts, reference):
         o = generate(model, ids, drafter=drafter, max_new_tokens=max_new_tokens, budget=budget, eos_token_id=-1)
         if o.new_tokens[0] != ref:
@@ -221,13 +213,15 @@ def run_config(
         total_s += st.total_s
         drafted += st.drafted_tokens
         accepted += st.accepted_tokens
+        reached_pd = _add(reached_pd, st.reached_per_depth)
+        accepted_pd = _add(accepted_pd, st.accepted_per_depth)
         if progress is not None:
             progress.update(1)
     if not res.lossless:
         raise AssertionError(f"{res.name}: output differs from autoregressive decoding (lossless violated)")
-    D = max((d for d, r in enumerate(drafter.reached) if r), default=0)
-    res.reached_per_depth = drafter.reached[1 : D + 1]
-    res.alpha_per_depth = [a / r if r else 0.0 for a, r in zip(drafter.accepted[1 : D + 1], drafter.reached[1 : D + 1])]
+    D = max((d + 1 for d, r in enumerate(reached_pd) if r), default=0)
+    res.reached_per_depth = reached_pd[:D]
+    res.alpha_per_depth = [a / r if r else 0.0 for a, r in zip(accepted_pd[:D], reached_pd[:D])]
     steps = max(res.steps, 1)
     res.tau = committed / steps
     res.alpha = accepted / drafted if drafted else 0.0  # the engine's alpha: accepted / drafted tokens
