@@ -81,6 +81,40 @@ def test_tree_attention_matches_sdpa(B, Hq, Hkv, D, N, prefix, shape, splits):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("combine", ["fused", "kernel"])
+@pytest.mark.parametrize("tree_split", [True, False])
+def test_split_k_merges_match_sdpa(combine, tree_split):
+    """Both split-K merges (last-arriving program / second launch), tree keys in their own split or
+    in the last one; the fused merge re-arms its counters, so a second call repeats bit for bit."""
+    ta = importlib.import_module("verifiers.kernels.tree_attention")
+    gen = torch.Generator().manual_seed(21)
+    B, Hq, Hkv, D, N = 2, 4, 2, 16, 9
+    tree = _tree("random", B, N, gen)
+    q, k, v, pl, L = _inputs(B, Hq, Hkv, D, N, [13, 150], gen)
+    ref, _ = _reference(q, k, v, pl, tree, L)
+    cfg = dict(combine=combine, tree_split=tree_split, BLOCK_M=16, BLOCK_N=16)
+    outs = []
+    for _ in range(2):
+        out = torch.full((B, N, Hq, D), float("nan"))
+        ta.tree_attention(q, k, v, pl, tree.packed_ancestor_mask, N, num_splits=3, config=cfg, out=out)
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    assert all(int(c.abs().sum()) == 0 for c in ta._COUNTERS.values())  # re-armed for the next launch
+
+
+def test_long_view_splits_the_real_prefix():
+    """A host view far longer than the prefixes (CUDA graphs keep view_len = max_len): the splits
+    are cut from the prefix read on device, the result equals the tight view's."""
+    gen = torch.Generator().manual_seed(8)
+    B, Hq, Hkv, D, N = 2, 4, 1, 16, 5
+    tree = _tree("random", B, N, gen)
+    q, k, v, pl, L = _inputs(B, Hq, Hkv, D, N, [40, 7], gen, slack=300)
+    ref, _ = _reference(q, k, v, pl, tree, L)
+    got = tree_attention(q, k, v, pl, tree.packed_ancestor_mask, N, num_splits=4, config=dict(BLOCK_N=16))
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
+
+
 def test_tree_attention_queries_subset_and_scale():
     """n queries != N nodes (a drafter's level-by-level forward), a custom softmax scale."""
     gen = torch.Generator().manual_seed(11)

@@ -47,19 +47,25 @@ _LOG2E = 1.4426950408889634
 def _tree_attn_fwd(
     Q, K, V, O, MASK, PREFIX,  # pointers
     OPART, MPART, LPART,  # split-K partials (unused when WRITE_PARTIAL is False)
+    COUNTER,  # [B * Hkv * m_blocks] int32 arrival counters, all zero between launches (FUSED only)
     qk_scale,  # softmax scale * log2(e)
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_vb, stride_vh, stride_vl, stride_vd,
     stride_ob, stride_on, stride_oh, stride_od,
     stride_mb, stride_mn, stride_mw,
-    H_KV, N_Q, N_TREE, CHUNK, NUM_SPLITS, R_TOTAL,
+    H_KV, N_Q, N_TREE, NUM_SPLITS, S_TOTAL, R_TOTAL,
     G: tl.constexpr,
     HEAD_D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    WRITE_PARTIAL: tl.constexpr,
+    WRITE_PARTIAL: tl.constexpr,  # split-K: write (acc, m, l) partials instead of the output
+    TREE_SPLIT: tl.constexpr,  # the tree keys get their own program (split 0), else the last split
+    FUSED: tl.constexpr,  # the last-arriving split program of a (row block, batch, kv head) merges
+    RED_M: tl.constexpr,  # fused merge: rows per step
+    RED_S: tl.constexpr,  # fused merge: partials per step
+    BLOCK_S: tl.constexpr,  # next power of two >= S_TOTAL
     IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -76,20 +82,30 @@ def _tree_attn_fwd(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_D
 
+    prefix = tl.load(PREFIX + b).to(tl.int32)
     q_ptrs = Q + b64 * stride_qb + hq[:, None] * stride_qh + qi[:, None] * stride_qn + d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
 
     k_base = K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh
-    prefix = tl.load(PREFIX + b).to(tl.int32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # ---- 1. the committed prefix of this split: every key visible, no mask
-    lo = pid_s * CHUNK
-    hi = tl.minimum(lo + CHUNK, prefix)
+    # ---- 1. this split's share of the committed prefix: every key visible, no mask.
+    # The chunk is cut from the row's real prefix (read on device), so a fixed host view longer
+    # than the prefix (CUDA graphs: view_len = max_len) still spreads the work over all splits.
+    if TREE_SPLIT:
+        ps = pid_s - 1  # split 0 holds the tree keys only
+        do_tree = pid_s == 0
+    else:
+        ps = pid_s
+        do_tree = pid_s == S_TOTAL - 1
+    chunk = tl.cdiv(tl.cdiv(prefix, BLOCK_N), NUM_SPLITS) * BLOCK_N
+    lo = ps * chunk
+    hi = tl.minimum(lo + chunk, prefix)
+    hi = tl.where(ps >= 0, hi, lo)
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key slots
         col_ok = cols < hi
@@ -113,8 +129,8 @@ def _tree_attn_fwd(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    # ---- 2. the tree keys (last split only): node j at slot prefix + j, ancestor bitset mask
-    if pid_s == NUM_SPLITS - 1:
+    # ---- 2. the tree keys: node j at slot prefix + j, ancestor bitset mask
+    if do_tree:
         m_base = MASK + b64 * stride_mb + qi[:, None] * stride_mn
         for j0 in range(0, N_TREE, BLOCK_N):
             j = j0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] tree node ids
@@ -152,6 +168,46 @@ def _tree_attn_fwd(
         tl.store(OPART + base[:, None] * BLOCK_D + d[None, :], acc, mask=st_mask)
         tl.store(MPART + base, m_i, mask=row_ok)
         tl.store(LPART + base, l_i, mask=row_ok)
+        if FUSED:
+            # Arrival counter: every thread's partial stores are done (barrier), then one gpu-scope
+            # acq_rel atomic publishes them (release) and, for the last arrival, makes every other
+            # split's stores visible (acquire). The last arrival merges and re-arms the counter.
+            tl.debug_barrier()
+            c_ptr = COUNTER + pid_bh * tl.num_programs(0) + pid_m
+            ticket = tl.atomic_add(c_ptr, 1, sem="acq_rel", scope="gpu")
+            if ticket == S_TOTAL - 1:
+                tl.atomic_xchg(c_ptr, 0, sem="relaxed", scope="gpu")  # zero again for the next launch
+                m_rows = tl.minimum(N_Q * G - pid_m * BLOCK_M, BLOCK_M)
+                for r0 in range(0, m_rows, RED_M):
+                    rr = r0 + tl.arange(0, RED_M)  # [RED_M] row within the block
+                    rok = rr < m_rows
+                    fr = pid_m * BLOCK_M + rr  # folded row
+                    rq = fr // G  # [RED_M] query
+                    rh = kvh * G + fr % G  # [RED_M] query head
+                    rrow = (b64 * N_Q + rq) * (H_KV * G) + rh  # [RED_M] partial row
+                    sa = tl.arange(0, BLOCK_S)
+                    ok2 = (sa < S_TOTAL)[:, None] & rok[None, :]
+                    p2 = sa[:, None].to(tl.int64) * R_TOTAL + rrow[None, :]  # [BLOCK_S, RED_M]
+                    m_all = tl.load(MPART + p2, mask=ok2, other=float("-inf"), cache_modifier=".cg")
+                    l_all = tl.load(LPART + p2, mask=ok2, other=0.0, cache_modifier=".cg")
+                    m_max = tl.max(m_all, 0)  # [RED_M]
+                    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+                    den = tl.sum(l_all * tl.exp2(m_all - m_max[None, :]), 0)  # [RED_M]
+                    den = tl.where(den == 0.0, 1.0, den)
+                    o = tl.zeros([RED_M, BLOCK_D], dtype=tl.float32)
+                    # partials summed in split order (fixed chunks): deterministic whoever merges
+                    for s0 in range(0, S_TOTAL, RED_S):
+                        ss = s0 + tl.arange(0, RED_S)
+                        ok3 = (ss < S_TOTAL)[:, None] & rok[None, :]  # [RED_S, RED_M]
+                        p3 = ss[:, None].to(tl.int64) * R_TOTAL + rrow[None, :]  # [RED_S, RED_M]
+                        ms = tl.load(MPART + p3, mask=ok3, other=float("-inf"), cache_modifier=".cg")
+                        ws = tl.exp2(ms - m_max[None, :])  # [RED_S, RED_M]; empty splits weigh 0
+                        op = tl.load(OPART + p3[:, :, None] * BLOCK_D + d[None, None, :], mask=ok3[:, :, None],
+                                     other=0.0, cache_modifier=".cg")  # [RED_S, RED_M, BLOCK_D]
+                        o += tl.sum(op * ws[:, :, None], 0)
+                    o_ptrs = (O + b64 * stride_ob + rq[:, None] * stride_on + rh[:, None] * stride_oh
+                              + d[None, :] * stride_od)
+                    tl.store(o_ptrs, (o / den[:, None]).to(O.dtype.element_ty), mask=rok[:, None] & d_ok[None, :])
     else:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
@@ -191,24 +247,53 @@ def _num_sms(device: torch.device) -> int:
 
 
 def pick_config(n_q: int, group: int, head_dim: int, dtype: torch.dtype) -> dict:
-    """Block shapes by the folded query count M = n_q * G.
+    """Block shapes and split-K policy by the folded query count M = n_q * G.
 
-    From the sweep in ``benchmarks/bench_tree_attention.py`` (H200, Llama-3-8B heads, bf16,
-    prefix 8k; numbers in ``notes/issue5.md``): small M is memory-bound and likes deep pipelining
-    of the K/V tiles; large M is compute-bound and likes 64-row query blocks with 4 warps.
+    From the sweeps in ``benchmarks/bench_tree_attention.py`` (H200, Llama-3-8B heads, bf16,
+    prefix 8k / 16k; numbers in ``notes/issue5.md``): small M is memory-bound and likes deep
+    pipelining of the K/V tiles; large M is compute-bound and likes 64-row query blocks.
+
+    Keys besides the launch shape: ``waves`` (programs per SM the default split count aims at),
+    ``min_tiles`` (key tiles per split at least, counted on the host view), ``tree_split`` (the tree
+    keys get their own split-K program, counted in ``waves``), ``combine`` (``"fused"``: the
+    last-arriving split program merges the partials in the same launch; ``"kernel"``: a second
+    launch merges them; ``"auto"``: fused while one program's merge reads at most
+    ``_FUSE_MAX_ELEMS`` partial elements).
     """
     m = n_q * group
     if m <= 16:  # decode (N = 1): one 16-row block holds the whole GQA group
-        return dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, waves=1, min_tiles=1, tree_split=True, combine="auto")
     if m <= 64:
-        return dict(BLOCK_M=32 if m <= 32 else 64, BLOCK_N=32, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=32 if m <= 32 else 64, BLOCK_N=32, num_warps=4, num_stages=3, waves=2, min_tiles=1,
+                    tree_split=True, combine="auto")
+    # compute-bound side: the split policy of the two-launch kernel (tree keys in the last split)
     if m <= 256:
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, waves=1, min_tiles=4, tree_split=False, combine="auto")
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, waves=1, min_tiles=4, tree_split=False, combine="auto")
 
 
 _SAFE_CONFIG = dict(BLOCK_N=32, num_stages=2)  # fallback when a GPU has less shared memory
 _OUT_OF_RESOURCES: set = set()  # launch configs that did not fit, per device / dtype / shape class
+_FUSE_MAX_ELEMS = 1 << 15  # fused merge only while rows * splits * BLOCK_D partial elements stay small
+_RED_ELEMS = 1 << 14  # fused merge: partial elements loaded per step (registers)
+_COUNTERS: dict = {}  # device -> int32 arrival counters of the fused merge (zero between launches)
+
+
+def _counters(device: torch.device, n: int) -> Tensor | None:
+    """Per-device arrival counters, ``>= n`` of them, zero-initialised once and re-armed by the kernel.
+
+    Allocated outside CUDA-graph capture (the first eager call, e.g. a warm-up); returns None when a
+    capture would need a new / larger buffer (the caller then uses the two-launch merge). One buffer
+    per device: fused launches on one device must not run concurrently on different streams.
+    """
+    key = (device.type, device.index)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = torch.zeros(max(n, 1 << 12), dtype=torch.int32, device=device)  # [n_counters]
+        _COUNTERS[key] = buf
+    return buf
 
 
 def tree_attention(
@@ -233,9 +318,11 @@ def tree_attention(
         packed_mask: ``[B, n, W]`` int64 ancestor bitset over the tree nodes, ``W = ceil(n_tree/64)``.
         n_tree: N, number of tree nodes (node j at key slot ``prefix_lens[b] + j``), ``<= 128``.
         scaling: softmax scale (default ``D ** -0.5``).
-        num_splits: split-K chunks over the prefix (default: enough programs for the device).
-        config: block shapes (``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``).
-        out: optional ``[B, n, Hq, D]`` contiguous output buffer.
+        num_splits: split-K chunks over the prefix (default: enough programs for the device); with
+            ``tree_split`` the tree keys get one more program.
+        config: block shapes (``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``) and split-K
+            policy (``waves``, ``tree_split``, ``combine``), see :func:`pick_config`.
+        out: optional ``[B, n, Hq, D]`` output buffer (contiguous unless the merge is fused).
     Returns:
         ``[B, n, Hq, D]`` in ``q.dtype``.
     """
@@ -258,39 +345,57 @@ def tree_attention(
     m_blocks = triton.cdiv(n * G, BLOCK_M)
     prefix_bound = max(L - n_tree, 0)  # host-side upper bound on every prefix (no device sync)
     p_blocks = triton.cdiv(prefix_bound, BLOCK_N)
+    tree_split = bool(cfg.get("tree_split", False))
     if num_splits is None:
-        # fill the device: two waves of programs for few folded queries (memory-bound), one for many
-        # (compute-bound: more splits only add fp32 partial traffic)
-        waves = 2 if n * G <= 64 else 1
-        want = triton.cdiv(waves * _num_sms(q.device), m_blocks * B * Hkv)
-        num_splits = max(1, min(want, triton.cdiv(p_blocks, 4), 64))
+        # `waves` programs per SM: memory-bound few-query calls want every SM streaming in one wave
+        # (tree program included); compute-bound ones round up (the last split also has the tree)
+        slots = cfg.get("waves", 1) * _num_sms(q.device)
+        per_split = m_blocks * B * Hkv
+        want = slots // per_split - 1 if tree_split and slots >= 3 * per_split else triton.cdiv(slots, per_split)
+        num_splits = max(1, min(want, triton.cdiv(p_blocks, cfg.get("min_tiles", 1)), 64))
+    # the kernel cuts each row's real prefix into num_splits chunks of whole tiles
     num_splits = max(1, min(int(num_splits), max(p_blocks, 1)))
-    chunk = triton.cdiv(p_blocks, num_splits) * BLOCK_N if p_blocks else BLOCK_N
-    num_splits = max(1, triton.cdiv(prefix_bound, chunk)) if p_blocks else 1
+    write_partial = num_splits > 1
+    tree_split = tree_split and write_partial
+    s_total = num_splits + int(tree_split)  # programs (and partials) per (row block, batch, kv head)
 
     R = B * n * Hq
-    write_partial = num_splits > 1
+    rows = min(BLOCK_M, n * G)  # real rows of one program
+    combine = cfg.get("combine", "auto")
+    fused = write_partial and (combine == "fused" or (combine == "auto" and rows * s_total * BLOCK_D <= _FUSE_MAX_ELEMS))
+    counters = _counters(q.device, m_blocks * B * Hkv) if fused else None
+    fused = counters is not None
     if write_partial:
-        opart = torch.empty(num_splits, R, BLOCK_D, dtype=torch.float32, device=q.device)  # [S, B*n*Hq, BLOCK_D]
-        mpart = torch.empty(num_splits, R, dtype=torch.float32, device=q.device)  # [S, B*n*Hq]
-        lpart = torch.empty(num_splits, R, dtype=torch.float32, device=q.device)  # [S, B*n*Hq]
+        opart = torch.empty(s_total, R, BLOCK_D, dtype=torch.float32, device=q.device)  # [S, B*n*Hq, BLOCK_D]
+        mpart = torch.empty(s_total, R, dtype=torch.float32, device=q.device)  # [S, B*n*Hq]
+        lpart = torch.empty(s_total, R, dtype=torch.float32, device=q.device)  # [S, B*n*Hq]
+        if not fused and not out.is_contiguous():
+            raise ValueError("split-K output must be contiguous [B, n, Hq, D]")
     else:
         opart = mpart = lpart = out
-    grid = (m_blocks, B * Hkv, num_splits)
+    if counters is None:
+        counters = mpart  # never touched
+    red_m = triton.next_power_of_2(rows)
+    block_s = max(2, triton.next_power_of_2(s_total))
+    red_s = max(1, min(block_s, _RED_ELEMS // (red_m * BLOCK_D)))
+    red_s = 1 << (red_s.bit_length() - 1)  # power of two
+    grid = (m_blocks, B * Hkv, s_total)
 
     def launch(block_n, stages):
         _tree_attn_fwd[grid](
             q, k, v, out, packed_mask, prefix_lens,
-            opart, mpart, lpart,
+            opart, mpart, lpart, counters,
             scale * _LOG2E,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *packed_mask.stride(),
-            Hkv, n, n_tree, chunk, num_splits, R,
+            Hkv, n, n_tree, num_splits, s_total, R,
             G=G, HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
-            WRITE_PARTIAL=write_partial, IEEE=q.dtype == torch.float32,
+            WRITE_PARTIAL=write_partial, TREE_SPLIT=tree_split, FUSED=fused,
+            RED_M=red_m, RED_S=red_s, BLOCK_S=block_s,
+            IEEE=q.dtype == torch.float32,
             num_warps=cfg["num_warps"], num_stages=stages,
         )
 
-    key = (q.device.index, q.dtype, D, G, BLOCK_M, BLOCK_N, cfg["num_warps"], cfg["num_stages"], write_partial)
+    key = (q.device.index, q.dtype, D, G, BLOCK_M, BLOCK_N, cfg["num_warps"], cfg["num_stages"], write_partial, fused)
     if key in _OUT_OF_RESOURCES:  # known too big for this GPU: never retry (a failed load breaks graph capture)
         launch(_SAFE_CONFIG["BLOCK_N"], _SAFE_CONFIG["num_stages"])
     else:
@@ -299,12 +404,10 @@ def tree_attention(
         except OutOfResources:  # e.g. 3 stages of 128-key tiles on a GPU with less shared memory
             _OUT_OF_RESOURCES.add(key)
             launch(_SAFE_CONFIG["BLOCK_N"], _SAFE_CONFIG["num_stages"])
-    if write_partial:
-        if not out.is_contiguous():
-            raise ValueError("split-K output must be contiguous [B, n, Hq, D]")
+    if write_partial and not fused:
         _split_combine[(R,)](
-            opart, mpart, lpart, out, R, num_splits,
-            HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+            opart, mpart, lpart, out, R, s_total,
+            HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_S=block_s,
             num_warps=4,
         )
     return out
