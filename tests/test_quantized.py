@@ -64,7 +64,7 @@ def test_int4_roundtrip_bound(N, K, G):
     packed, s = quantize_int4(w, G)
     ng = -(-K // G)
     assert packed.dtype == torch.uint8 and packed.shape == (N, ng * G // 2) and s.shape == (ng, N)
-    q = unpack_int4(packed)
+    q = unpack_int4(packed, G)
     assert int(q.min()) >= -8 and int(q.max()) <= 7
     assert (q[:, K:] == 0).all()  # ragged K: padding quantizes to zero
     wp = torch.zeros(N, ng * G)
@@ -76,10 +76,12 @@ def test_int4_roundtrip_bound(N, K, G):
     assert deq.shape == (N, K)
     s_el = s.t().repeat_interleave(G, dim=1)[:, :K]  # [N, K] scale of each element
     assert ((w - deq).abs() <= s_el / 2 * (1 + 1e-5) + 1e-12).all()
-    # nibble layout: element 2j in the low nibble, 2j+1 in the high one
-    p = packed.to(torch.int16)
-    torch.testing.assert_close(((p & 0xF) - 8).float(), q[:, 0::2].float())
-    torch.testing.assert_close(((p >> 4) - 8).float(), q[:, 1::2].float())
+    # nibble layout (group-local half split): byte o of group g holds elements g*G + o (low nibble)
+    # and g*G + G/2 + o (high nibble)
+    p = packed.to(torch.int16).view(N, ng, G // 2)
+    qg = q.view(N, ng, G).float()
+    torch.testing.assert_close(((p & 0xF) - 8).float(), qg[:, :, : G // 2])
+    torch.testing.assert_close(((p >> 4) - 8).float(), qg[:, :, G // 2 :])
 
 
 def test_bad_arguments_raise_one_clear_error():
@@ -95,9 +97,12 @@ def test_bad_arguments_raise_one_clear_error():
 
 
 # ------------------------------------------------------------------ Triton kernels vs reference
-GEMV = [QuantConfig(gemv=True, block_n=16, block_k=64), QuantConfig(gemv=True, block_n=32, block_k=32, split_k=3)]
-GEMM = [QuantConfig(gemv=False, block_m=16, block_n=32, block_k=64, split_k=2),
-        QuantConfig(gemv=False, block_m=32, block_n=16, block_k=128)]  # block_k 128 > group 32: per-element scales
+GEMV = [QuantConfig(gemv=True, block_n=16, block_k=64), QuantConfig(gemv=True, block_n=32, block_k=32, split_k=3),
+        QuantConfig(gemv=True, block_n=4, block_k=128, split_k=2, evict_first=False)]  # int4: tile spans groups
+GEMM = [QuantConfig(gemv=False, block_m=16, block_n=32, block_k=32, split_k=2),  # int4: one group per tile
+        QuantConfig(gemv=False, block_m=32, block_n=16, block_k=128),  # block_k 128 > group 32: per-element scales
+        QuantConfig(gemv=False, block_m=16, block_n=32, block_k=32, split_k=3, swap=True),
+        QuantConfig(gemv=False, block_m=16, block_n=16, block_k=64, swap=True, evict_first=False)]
 
 
 @pytest.mark.skipif(not INTERPRET, reason="Triton kernels run on CPU only under TRITON_INTERPRET=1 (scripts/test.sh)")
@@ -117,6 +122,12 @@ def test_kernels_match_reference(bits, M):
             assert y.shape == (M, N) and y.dtype == dtype
             rel = ((y.float() - ref).norm() / ref.norm()).item()
             assert rel < (1e-5 if dtype == torch.float32 else 2e-3), (dtype, cfg, rel)
+    # split-K programs leave their workspace zeroed and their arrival counters at 0 for the next call
+    from drafters.kernels.quant_matmul import _WORKSPACE
+
+    assert _WORKSPACE, "no split-K launch happened"
+    for ws, cnt in _WORKSPACE.values():
+        assert (ws == 0).all() and (cnt == 0).all()
 
 
 @pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1")

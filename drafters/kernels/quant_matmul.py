@@ -4,13 +4,24 @@
 integers plus float scales. Two Triton kernels cover the two regimes a drafter sees:
 
 * **GEMV** (M = 1, plain decoding / chain drafts): purely memory-bound, so the only goal is to
-  read every weight byte once at full bandwidth. Many programs tile N, optionally split K
-  (fp32 partial sums combined with atomics), the int weights are widened in registers and reduced
-  with the activations in fp32 -- the weights are never written back dequantized.
+  read every weight byte once at full bandwidth. Many programs tile N (and optionally split K);
+  the int weights are widened in registers and reduced with the activations in fp32 -- the
+  weights are never written back dequantized.
 * **GEMM** (M = tree width, 16 / 64): tensor-core ``tl.dot`` on tiles whose weight operand is
   dequantized in registers right after the load (the W4A16 recipe of GPTQ's and AWQ's CUDA
   kernels and of Marlin, https://arxiv.org/abs/2408.11743: keep weights compressed in memory,
-  expand them only on chip, apply the group scale to the partial product of a group).
+  expand them only on chip, apply the group scale to the partial product of a group). With
+  ``swap`` the kernel computes ``y.T = W @ x.T`` so the large N side fills the MMA's M slot and a
+  small M (1 .. 16) only pads the narrow side (the "swap AB" of small-batch GEMM kernels).
+
+Split-K without extra launches: with ``split_k > 1`` each program adds its fp32 partial tile into
+a per-(device, stream, shape) workspace with atomics, then bumps a per-tile counter; the program
+that arrives last (the counter's old value is ``split_k - 1``) reads the sums back with atomic
+exchanges that also zero them, writes ``y`` in the activation dtype and resets the counter. The
+workspace is therefore always clean between calls: one launch, no memset, no cast kernel (the
+"fix-up by the last CTA" of stream-K GEMM, Osama et al. 2023, https://arxiv.org/abs/2301.03598).
+Floating-point atomics make split-K sums order-dependent in the last bits (drafts only; the
+target's verification decides what is emitted).
 
 Formats (symmetric, no zero point stored -- a choice: it keeps the error bound simple and the
 kernels short; GPTQ https://arxiv.org/abs/2210.17323 and AWQ https://arxiv.org/abs/2306.00978 use
@@ -20,10 +31,14 @@ asymmetric groups with zero points, which buy a little accuracy for one more sub
   per-output-channel ("vector-wise") absmax scaling of LLM.int8() (Dettmers et al., 2022,
   https://arxiv.org/abs/2208.07339) applied to weights only, without its outlier decomposition.
   The scale factors out of the K sum: ``y = (x @ q.T) * s``.
-* int4: groups of ``group_size`` consecutive K elements share ``s[g, n]`` fp32 =
+* int4: groups of ``group_size`` (G) consecutive K elements share ``s[g, n]`` fp32 =
   ``max |w[n, g*G:(g+1)*G]| / 7``; ``q = round(w / s)`` in [-7, 7] is stored as the nibble
-  ``q + 8``; two nibbles per byte, element ``2j`` in the low nibble and ``2j+1`` in the high one:
-  ``packed[N, Kp/2]`` uint8. K is zero-padded to ``Kp = ceil(K / G) * G`` (ragged K works).
+  ``q + 8``, two per byte, **group-local half split**: byte ``o`` (0 <= o < G/2) of group ``g``
+  holds element ``g*G + o`` in its low nibble and element ``g*G + G/2 + o`` in its high one:
+  ``packed[N, Kp/2]`` uint8. So a tile of up to G/2 bytes of a row sees one scale and two
+  *contiguous* runs of activations (no stride-2 gathers of x), the property Marlin's and
+  FasterTransformer's interleaved layouts buy with a shuffle (Frantar et al. 2024,
+  https://arxiv.org/abs/2408.11743). K is zero-padded to ``Kp = ceil(K / G) * G`` (ragged K works).
   Scales are stored ``[Kp/G, N]`` so a tile's scales are one contiguous load along N.
 
 Error bound of both (round to nearest, no clipping since the absmax maps inside the range):
@@ -111,8 +126,8 @@ def quantize_int4(w: Tensor, group_size: int = 128) -> tuple[Tensor, Tensor]:
     amax = wg.abs().amax(dim=2)  # [N, ng]
     s = torch.where(amax > 0, amax / INT4_MAX, torch.ones_like(amax))
     q = torch.round(wg / s[:, :, None]).clamp_(-INT4_MAX, INT4_MAX).to(torch.int16) + INT4_OFFSET  # [N, ng, G] in [1, 15]
-    q = q.view(N, ng * G)
-    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)  # [N, Kp/2]
+    half = G // 2
+    packed = (q[:, :, :half] | (q[:, :, half:] << 4)).to(torch.uint8).view(N, ng * half)  # [N, Kp/2], group-local halves
     return packed.contiguous(), s.t().contiguous()  # s: [ng, N]
 
 
@@ -121,16 +136,18 @@ def dequantize_int8(q: Tensor, s: Tensor, dtype: torch.dtype = torch.float32) ->
     return (q.float() * s.float()[:, None]).to(dtype)
 
 
-def unpack_int4(packed: Tensor) -> Tensor:
-    """``packed[N, Kp/2]`` uint8 -> ``q[N, Kp]`` int8 in [-8, 7] (nibble - 8)."""
-    p = packed.to(torch.int16)
-    lo, hi = p & 0xF, p >> 4
-    return torch.stack([lo, hi], dim=2).view(packed.shape[0], -1).to(torch.int8) - INT4_OFFSET
+def unpack_int4(packed: Tensor, group_size: int) -> Tensor:
+    """``packed[N, Kp/2]`` uint8 (group-local half split) -> ``q[N, Kp]`` int8 in [-8, 7] (nibble - 8)."""
+    N, nb = packed.shape
+    half = group_size // 2
+    p = packed.to(torch.int16).view(N, nb // half, half)  # [N, ng, G/2]
+    q = torch.cat([p & 0xF, p >> 4], dim=2)  # [N, ng, G]: low nibbles are the group's first half
+    return q.view(N, 2 * nb).to(torch.int8) - INT4_OFFSET
 
 
 def dequantize_int4(packed: Tensor, s: Tensor, K: int, group_size: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """``(packed[N, Kp/2], s[Kp/G, N]) -> w[N, K]`` in ``dtype`` (computed in fp32)."""
-    q = unpack_int4(packed).float()  # [N, Kp]
+    q = unpack_int4(packed, group_size).float()  # [N, Kp]
     N, Kp = q.shape
     w = q.view(N, Kp // group_size, group_size) * s.float().t()[:, :, None]
     return w.view(N, Kp)[:, :K].to(dtype)
@@ -150,10 +167,12 @@ def quant_matmul_ref(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, K: i
 class QuantConfig:
     """Tile configuration of one launch.
 
-    ``gemv=True`` uses the M-row-at-a-time reduction kernel (one program per (N tile, K split,
-    row)); otherwise the tensor-core kernel with ``block_m`` rows. ``split_k > 1`` reduces partial
-    sums with fp32 atomics into a zeroed buffer (more programs for small N, at the price of a memset
-    and a cast).
+    ``gemv=True``: the CUDA-core reduction kernel, one program per (N tile, K split, row);
+    otherwise the tensor-core kernel with ``block_m`` rows (``swap``: ``y.T = W @ x.T``, the
+    weight tile is the MMA's left operand). ``block_k`` counts K elements per tile (int4: half as
+    many bytes). ``split_k > 1`` splits K over programs, reduced in one launch (see the module
+    docstring). ``evict_first`` marks weight loads as streaming so they do not push the
+    activations and scales out of L2.
     """
 
     gemv: bool
@@ -164,6 +183,8 @@ class QuantConfig:
     num_warps: int = 4
     num_stages: int = 3
     magic: bool = True  # int -> float through the exponent-bits trick (False: plain conversions)
+    swap: bool = False
+    evict_first: bool = True
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -178,22 +199,19 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def _pow2_floor(v: int) -> int:
-    return 1 << max(0, int(v).bit_length() - 1)
-
-
 def default_config(M: int, N: int, K: int, bits: int, group_size: int | None = None,
                    device: torch.device | None = None) -> QuantConfig:
-    """Heuristic tiles (tuned with ``benchmarks/bench_quant_kernels.py`` on an H100)."""
+    """Heuristic tiles (from the sweep of ``benchmarks/bench_quant_kernels.py`` on an H200)."""
     sms = _sm_count(device if device is not None else torch.device("cpu"))
     G = group_size if bits == 4 else 1 << 30
     if M <= 2:
-        # memory-bound: ~4 KB of weight bytes per program per iteration, >= 2 programs per SM
-        bk = 128 if bits == 8 else min(128, G)
-        bn = 32 if bits == 8 else 64
-        progs = -(-N // bn)
+        # memory-bound: every program resident at once (>= 2 per SM), ~8 KB of weights per iteration
+        bk = 512 if bits == 8 else min(256, G)
+        bn = 16
+        while bn > 1 and -(-N // bn) < 2 * sms:
+            bn //= 2
         split = 1
-        while progs * split < 2 * sms and K // (split * 2) >= 4 * bk and split < 16:
+        while -(-N // bn) * split < 2 * sms and K // (split * 2) >= 2 * bk and split < 16:
             split *= 2
         return QuantConfig(gemv=True, block_n=bn, block_k=bk, split_k=split, num_warps=4, num_stages=3)
     bm = 16 if M <= 16 else (32 if M <= 32 else 64)
@@ -201,9 +219,32 @@ def default_config(M: int, N: int, K: int, bits: int, group_size: int | None = N
     bn = 64
     progs = -(-M // bm) * -(-N // bn)
     split = 1
-    while progs * split < sms and K // (split * 2) >= 4 * bk and split < 8:
+    while progs * split < 2 * sms and K // (split * 2) >= 2 * bk and split < 16:
         split *= 2
-    return QuantConfig(gemv=False, block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=4, num_stages=4)
+    return QuantConfig(gemv=False, block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=4, num_stages=4,
+                       swap=True)
+
+
+# --------------------------------------------------------------------------- split-K workspace
+_WORKSPACE: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
+def _split_workspace(device: torch.device, numel: int, tiles: int) -> tuple[Tensor, Tensor]:
+    """Zeroed fp32 partial sums and int32 arrival counters, kept clean by the kernels themselves.
+
+    One pair per (device, stream): kernels on one stream run in order, so sharing is safe there;
+    it grows (never shrinks) to the largest ``numel`` / ``tiles`` asked for. Allocate before CUDA
+    graph capture (the first eager call does).
+    """
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    ws = _WORKSPACE.get(key)
+    if ws is None or ws[0].numel() < numel or ws[1].numel() < tiles:
+        n0 = max(numel, ws[0].numel() if ws is not None else 0)
+        t0 = max(tiles, ws[1].numel() if ws is not None else 0)
+        ws = (torch.zeros(n0, device=device, dtype=torch.float32), torch.zeros(t0, device=device, dtype=torch.int32))
+        _WORKSPACE[key] = ws
+    return ws
 
 
 # --------------------------------------------------------------------------- Triton kernels
@@ -235,124 +276,161 @@ if _HAS_TRITON:
             return q.to(tl.float32)
 
     @triton.jit
+    def _mma(a, b, acc, FP32: tl.constexpr):
+        """``acc + a @ b`` on tensor cores; fp32 operands with IEEE products (tests, exactness)."""
+        if FP32:
+            return tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _store_tile(acc, y_ptr, y_offs, ws_ptr, wsi_ptr, ws_offs, cnt_ptr, tile, mask, SPLIT: tl.constexpr):
+        """Write a finished fp32 tile, or (split-K) add it to the workspace; the last split writes y."""
+        if SPLIT == 1:
+            tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.atomic_add(ws_ptr + ws_offs, acc, mask=mask, sem="relaxed")
+            tl.debug_barrier()  # every thread's partial is issued before the arrival is published
+            arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")  # old value
+            if arrived == SPLIT - 1:
+                # read back and zero in one atomic, on the int32 view (bits of the fp32 sums; 0 is 0.0)
+                bits = tl.atomic_xchg(wsi_ptr + ws_offs, tl.zeros_like(acc).to(tl.int32), mask=mask, sem="acquire")
+                total = bits.to(tl.float32, bitcast=True)
+                tl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")
+
+    @triton.jit
     def _qgemv_kernel(
-        x_ptr, w_ptr, s_ptr, y_ptr,  # x[M, K], w[N, K] int8 | [N, Kp/2] uint8, s[N] | [Kp/G, N], y[M, N]
-        N, K, KP, k_per_split,  # KP: padded K (int4) or K (int8); k_per_split: multiple of BLOCK_K
+        x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, wsi_ptr, cnt_ptr,  # x[M, K], w[N, KB] int8 | uint8, s[N] | [Kp/G, N], y[M, N]
+        N, K, KB, kb_per_split,  # KB: bytes per weight row; kb_per_split: multiple of BLOCK_KB
         stride_xm, stride_wn, stride_ym,
         BITS: tl.constexpr, GROUP: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, MAGIC: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, SPLIT: tl.constexpr, MAGIC: tl.constexpr,
+        EVICT: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         m = tl.program_id(2)
+        HG: tl.constexpr = GROUP // 2  # int4: bytes per group
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
         mask_n = offs_n < N
         # 2-D fp32 accumulator: the cross-thread reduction happens once, after the K loop
-        if BITS == 8:
-            acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        else:
-            acc2 = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_N, BLOCK_KB], dtype=tl.float32)
         x_row = x_ptr + m * stride_xm
-        k_lo = pid_k * k_per_split
-        for i in range(0, k_per_split, BLOCK_K):
-            k0 = k_lo + i
-            if BITS == 8:
-                offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
-                mk = offs_k < K
-                x = tl.load(x_row + offs_k, mask=mk, other=0.0).to(tl.float32)
-                w = _int8_value(tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
-                                        mask=mask_n[:, None] & mk[None, :], other=0), MAGIC)  # [BN, BK] fp32
-                acc2 += w * x[None, :]
+        b_lo = pid_k * kb_per_split
+        for i in range(0, kb_per_split, BLOCK_KB):
+            b0 = b_lo + i
+            offs_b = b0 + tl.arange(0, BLOCK_KB)  # [BKB] byte columns
+            mb = offs_b < KB
+            wptrs = w_ptr + offs_n[:, None] * stride_wn + offs_b[None, :]
+            wmask = mask_n[:, None] & mb[None, :]
+            if EVICT:
+                p = tl.load(wptrs, mask=wmask, other=0 if BITS == 8 else 0x88, eviction_policy="evict_first")
             else:
-                offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # [BK/2] byte columns
-                mb = offs_b < KP // 2
-                p = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_b[None, :],
-                            mask=mask_n[:, None] & mb[None, :], other=0x88)  # [BN, BK/2]
+                p = tl.load(wptrs, mask=wmask, other=0 if BITS == 8 else 0x88)  # [BN, BKB]
+            if BITS == 8:
+                xv = tl.load(x_row + offs_b, mask=offs_b < K, other=0.0).to(tl.float32)  # [BKB]
+                acc2 += _int8_value(p, MAGIC) * xv[None, :]
+            else:
+                e_lo = (offs_b // HG) * GROUP + offs_b % HG  # [BKB] element of each low nibble
+                xl = tl.load(x_row + e_lo, mask=e_lo < K, other=0.0).to(tl.float32)
+                xh = tl.load(x_row + e_lo + HG, mask=e_lo + HG < K, other=0.0).to(tl.float32)
                 lo, hi = _int4_pair(p, MAGIC)
-                xe = tl.load(x_row + 2 * offs_b, mask=2 * offs_b < K, other=0.0).to(tl.float32)
-                xo = tl.load(x_row + 2 * offs_b + 1, mask=2 * offs_b + 1 < K, other=0.0).to(tl.float32)
-                prod = lo * xe[None, :] + hi * xo[None, :]  # [BN, BK/2]
-                if BLOCK_K <= GROUP:  # the tile lies in one group: one scale per row
-                    s = tl.load(s_ptr + tl.minimum(k0 // GROUP, KP // GROUP - 1) * N + offs_n, mask=mask_n, other=0.0)
+                prod = lo * xl[None, :] + hi * xh[None, :]  # [BN, BKB]
+                if BLOCK_KB <= HG:  # the tile lies in one group: one scale per row
+                    s = tl.load(s_ptr + tl.minimum(b0 // HG, KB // HG - 1) * N + offs_n, mask=mask_n, other=0.0)  # tiles past KB (all-zero products): any finite scale
                     acc2 += prod * s[:, None]
                 else:  # several groups per tile: scale elementwise
-                    g = (2 * offs_b) // GROUP
-                    s = tl.load(s_ptr + g[None, :] * N + offs_n[:, None], mask=mask_n[:, None] & mb[None, :], other=0.0)
+                    s = tl.load(s_ptr + (offs_b // HG)[None, :] * N + offs_n[:, None], mask=wmask, other=0.0)
                     acc2 += prod * s
         acc = tl.sum(acc2, axis=1)  # [BN]
         if BITS == 8:
             acc *= tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
-        if ATOMIC:
-            tl.atomic_add(y_ptr + m * stride_ym + offs_n, acc, mask=mask_n)
-        else:
-            tl.store(y_ptr + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
+        _store_tile(acc, y_ptr, m * stride_ym + offs_n, ws_ptr, wsi_ptr, m * N + offs_n, cnt_ptr,
+                    m * tl.num_programs(0) + pid_n, mask_n, SPLIT)
 
     @triton.jit
     def _qgemm_kernel(
-        x_ptr, w_ptr, s_ptr, y_ptr,
-        M, N, K, KP, k_per_split,
+        x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, wsi_ptr, cnt_ptr,
+        M, N, K, KB, kb_per_split,
         stride_xm, stride_wn, stride_ym,
         BITS: tl.constexpr, GROUP: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        ATOMIC: tl.constexpr, FP32: tl.constexpr, MAGIC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr,
+        SPLIT: tl.constexpr, FP32: tl.constexpr, MAGIC: tl.constexpr, SWAP: tl.constexpr, EVICT: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
+        HG: tl.constexpr = GROUP // 2
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
         mask_m = offs_m < M
         mask_n = offs_n < N
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        k_lo = pid_k * k_per_split
-        for i in range(0, k_per_split, BLOCK_K):
-            k0 = k_lo + i
-            if BITS == 8:
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                mk = offs_k < K
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                            mask=mask_m[:, None] & mk[None, :], other=0.0)  # [BM, BK]
-                w = _int8_value(tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None],
-                                        mask=mk[:, None] & mask_n[None, :], other=0), MAGIC).to(x.dtype)  # [BK, BN], exact
-                if FP32:
-                    acc += tl.dot(x, w, input_precision="ieee")
-                else:
-                    acc += tl.dot(x, w)
-            else:
-                offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # [BK/2]
-                mb = offs_b < KP // 2
-                xm = x_ptr + offs_m[:, None] * stride_xm + 2 * offs_b[None, :]
-                xe = tl.load(xm, mask=mask_m[:, None] & (2 * offs_b[None, :] < K), other=0.0)  # [BM, BK/2]
-                xo = tl.load(xm + 1, mask=mask_m[:, None] & (2 * offs_b[None, :] + 1 < K), other=0.0)
-                p = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_b[:, None],
-                            mask=mb[:, None] & mask_n[None, :], other=0x88)  # [BK/2, BN]
-                lo, hi = _int4_pair(p, MAGIC)
-                if BLOCK_K <= GROUP:  # integers are exact in the activation dtype; scale the product
-                    lo = lo.to(xe.dtype)
-                    hi = hi.to(xe.dtype)
-                    if FP32:
-                        part = tl.dot(xe, lo, input_precision="ieee") + tl.dot(xo, hi, input_precision="ieee")
-                    else:
-                        part = tl.dot(xe, lo) + tl.dot(xo, hi)
-                    s = tl.load(s_ptr + tl.minimum(k0 // GROUP, KP // GROUP - 1) * N + offs_n, mask=mask_n, other=0.0)
-                    acc += part * s[None, :]
-                else:  # dequantize the tile elementwise, then one product
-                    g = (2 * offs_b) // GROUP
-                    s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mb[:, None] & mask_n[None, :], other=0.0)
-                    lo = (lo * s).to(xe.dtype)
-                    hi = (hi * s).to(xe.dtype)
-                    if FP32:
-                        acc += tl.dot(xe, lo, input_precision="ieee") + tl.dot(xo, hi, input_precision="ieee")
-                    else:
-                        acc += tl.dot(xe, lo) + tl.dot(xo, hi)
-        if BITS == 8:
-            acc *= tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-        y_offs = offs_m[:, None] * stride_ym + offs_n[None, :]
-        ymask = mask_m[:, None] & mask_n[None, :]
-        if ATOMIC:
-            tl.atomic_add(y_ptr + y_offs, acc, mask=ymask)
+        if SWAP:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # y.T tile
         else:
-            tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        b_lo = pid_k * kb_per_split
+        for i in range(0, kb_per_split, BLOCK_KB):
+            b0 = b_lo + i
+            offs_b = b0 + tl.arange(0, BLOCK_KB)  # [BKB]
+            mb = offs_b < KB
+            wptrs = w_ptr + offs_n[:, None] * stride_wn + offs_b[None, :]
+            wmask = mask_n[:, None] & mb[None, :]
+            if EVICT:
+                p = tl.load(wptrs, mask=wmask, other=0 if BITS == 8 else 0x88, eviction_policy="evict_first")
+            else:
+                p = tl.load(wptrs, mask=wmask, other=0 if BITS == 8 else 0x88)  # [BN, BKB]
+            if BITS == 8:
+                xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_b[None, :],
+                             mask=mask_m[:, None] & (offs_b[None, :] < K), other=0.0)  # [BM, BKB]
+                if MAGIC:
+                    w = _int8_value(p, MAGIC).to(xt.dtype)  # exact: |q| <= 127
+                else:
+                    w = p.to(xt.dtype)
+                if SWAP:
+                    acc = _mma(w, tl.trans(xt), acc, FP32)
+                else:
+                    acc = _mma(xt, tl.trans(w), acc, FP32)
+            else:
+                e_lo = (offs_b // HG) * GROUP + offs_b % HG  # [BKB]
+                xp = x_ptr + offs_m[:, None] * stride_xm + e_lo[None, :]
+                xl = tl.load(xp, mask=mask_m[:, None] & (e_lo[None, :] < K), other=0.0)  # [BM, BKB]
+                xh = tl.load(xp + HG, mask=mask_m[:, None] & (e_lo[None, :] + HG < K), other=0.0)
+                lo, hi = _int4_pair(p, MAGIC)  # [BN, BKB] fp32
+                if BLOCK_KB <= HG:  # one group per tile: integer operands (exact), scale the partial product
+                    lo = lo.to(xl.dtype)
+                    hi = hi.to(xl.dtype)
+                    s = tl.load(s_ptr + tl.minimum(b0 // HG, KB // HG - 1) * N + offs_n, mask=mask_n, other=0.0)  # tiles past KB (all-zero products): any finite scale  # [BN]
+                    if SWAP:
+                        part = _mma(lo, tl.trans(xl), tl.zeros_like(acc), FP32)
+                        part = _mma(hi, tl.trans(xh), part, FP32)  # [BN, BM]
+                        acc += part * s[:, None]
+                    else:
+                        part = _mma(xl, tl.trans(lo), tl.zeros_like(acc), FP32)
+                        part = _mma(xh, tl.trans(hi), part, FP32)  # [BM, BN]
+                        acc += part * s[None, :]
+                else:  # several groups per tile: dequantize elementwise, then one product
+                    s = tl.load(s_ptr + (offs_b // HG)[None, :] * N + offs_n[:, None], mask=wmask, other=0.0)
+                    lo = (lo * s).to(xl.dtype)
+                    hi = (hi * s).to(xl.dtype)
+                    if SWAP:
+                        acc = _mma(lo, tl.trans(xl), acc, FP32)
+                        acc = _mma(hi, tl.trans(xh), acc, FP32)
+                    else:
+                        acc = _mma(xl, tl.trans(lo), acc, FP32)
+                        acc = _mma(xh, tl.trans(hi), acc, FP32)
+        tile = pid_m * tl.num_programs(1) + pid_n
+        if SWAP:
+            if BITS == 8:
+                acc *= tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
+            _store_tile(acc, y_ptr, offs_m[None, :] * stride_ym + offs_n[:, None], ws_ptr, wsi_ptr,
+                        offs_m[None, :] * N + offs_n[:, None], cnt_ptr, tile, mask_n[:, None] & mask_m[None, :], SPLIT)
+        else:
+            if BITS == 8:
+                acc *= tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+            _store_tile(acc, y_ptr, offs_m[:, None] * stride_ym + offs_n[None, :], ws_ptr, wsi_ptr,
+                        offs_m[:, None] * N + offs_n[None, :], cnt_ptr, tile, mask_m[:, None] & mask_n[None, :], SPLIT)
 
 
 def _launch(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, K: int, group_size: int,
@@ -365,40 +443,46 @@ def _launch(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, K: int, group
         raise ValueError(f"activations must be fp16, bf16 or fp32, got {x.dtype}")
     x = x if x.stride(1) == 1 else x.contiguous()
     M = x.shape[0]
-    N = qweight.shape[0]
-    KP = qweight.shape[1] * 2 if bits == 4 else K
+    N, KB = qweight.shape  # KB: bytes per row
     G = group_size if bits == 4 else 1 << 30
     cfg = config or default_config(M, N, K, bits, group_size, x.device)
+    bkb = cfg.block_k if bits == 8 else cfg.block_k // 2  # bytes per tile row
     split = max(1, cfg.split_k)
-    k_per_split = triton.cdiv(triton.cdiv(KP, split), cfg.block_k) * cfg.block_k  # multiple of BLOCK_K
-    split = triton.cdiv(KP, k_per_split)
-    atomic = split > 1
-    y = (torch.zeros if atomic else torch.empty)(M, N, device=x.device, dtype=torch.float32 if atomic else x.dtype)
-    if M > 0:
-        if cfg.gemv:
-            grid = (triton.cdiv(N, cfg.block_n), split, M)
-            _qgemv_kernel[grid](
-                x, qweight, scales, y, N, K, KP, k_per_split, x.stride(0), qweight.stride(0), y.stride(0),
-                BITS=bits, GROUP=G, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ATOMIC=atomic, MAGIC=cfg.magic,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )
-        else:
-            grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), split)
-            _qgemm_kernel[grid](
-                x, qweight, scales, y, M, N, K, KP, k_per_split, x.stride(0), qweight.stride(0), y.stride(0),
-                BITS=bits, GROUP=G, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                ATOMIC=atomic, FP32=x.dtype == torch.float32, MAGIC=cfg.magic,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )
-    return y.to(x.dtype) if atomic else y
+    kb_per_split = triton.cdiv(triton.cdiv(KB, split), bkb) * bkb  # multiple of BLOCK_KB
+    split = triton.cdiv(KB, kb_per_split)
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    if M == 0:
+        return y
+    if cfg.gemv:
+        grid = (triton.cdiv(N, cfg.block_n), split, M)
+    else:
+        grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), split)
+    if split > 1:
+        ws, cnt = _split_workspace(x.device, M * N, grid[0] * grid[1] * (M if cfg.gemv else 1))
+    else:
+        ws, cnt = y, y  # unused
+    if cfg.gemv:
+        _qgemv_kernel[grid](
+            x, qweight, scales, y, ws, ws.view(torch.int32) if split > 1 else ws, cnt, N, K, KB, kb_per_split, x.stride(0), qweight.stride(0), y.stride(0),
+            BITS=bits, GROUP=G, BLOCK_N=cfg.block_n, BLOCK_KB=bkb, SPLIT=split, MAGIC=cfg.magic,
+            EVICT=cfg.evict_first, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    else:
+        _qgemm_kernel[grid](
+            x, qweight, scales, y, ws, ws.view(torch.int32) if split > 1 else ws, cnt, M, N, K, KB, kb_per_split, x.stride(0), qweight.stride(0), y.stride(0),
+            BITS=bits, GROUP=G, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KB=bkb,
+            SPLIT=split, FP32=x.dtype == torch.float32, MAGIC=cfg.magic, SWAP=cfg.swap, EVICT=cfg.evict_first,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return y
 
 
 def w8a16_matmul(x: Tensor, q: Tensor, s: Tensor, config: QuantConfig | None = None) -> Tensor:
     """Triton W8A16: ``x[M, K] @ (q[N, K] * s[N, None]).T -> y[M, N]`` in x's dtype."""
     if q.dtype != torch.int8 or q.dim() != 2 or s.shape != (q.shape[0],):
         raise ValueError("w8a16_matmul expects q[N, K] int8 and s[N]")
-    if config is not None and config.block_k % 16:
-        raise ValueError("block_k must be a multiple of 16")
+    if config is not None and (config.block_k < 16 or config.block_k & (config.block_k - 1)):
+        raise ValueError("int8 block_k must be a power of two >= 16")
     return _launch(x, q, s, 8, q.shape[1], 0, config)
 
 
