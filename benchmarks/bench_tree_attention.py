@@ -88,10 +88,10 @@ def rel_err(a, b):
 
 
 # ---------------------------------------------------------------- 1. correctness
-# split-K variants every check case also runs (besides the default config): both merges, tree keys
-# in the last split, 1 and 3 prefix splits
-CHECK_VARIANTS = [(None, None), (1, None), (3, None), (None, dict(combine="fused")), (None, dict(combine="kernel")),
-                  (3, dict(combine="fused", tree_split=False)), (None, dict(waves=4))]
+# split-K variants every check case also runs (besides the default config): both merges (fused / a
+# second launch, with and without PDL), one loop or two, 1 and 3 splits, many splits
+CHECK_VARIANTS = [(None, None), (1, None), (3, None), (None, dict(combine="fused")), (None, dict(combine="kernel", pdl=False)),
+                  (3, dict(combine="fused", unified=False)), (None, dict(unified=True, combine="kernel", pdl=True, waves=4))]
 
 
 def check_attention(results, mode="full"):
@@ -305,16 +305,19 @@ def setup_point(N, prefix, gen):
 def candidates(N):
     """Launch shapes and split-K policies the sweep tries for N tree queries (stage 1)."""
     M = N * (HQ // HKV)
+    base = pick_config(N, HQ // HKV, D, torch.bfloat16)
     if DEV == "cpu":  # --smoke
-        return [dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2, waves=w, tree_split=True, combine="auto") for w in (1, 2)]
+        return [dict(base, BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2, waves=w) for w in (1, 2)]
     bm = 16 if M <= 16 else 32 if M <= 32 else 64
     if M <= 64:  # memory-bound side: key block, pipelining depth, programs per SM
         launch = [(bm, 128, 4, 3), (bm, 128, 4, 2), (bm, 128, 8, 3), (bm, 64, 4, 2), (bm, 64, 4, 3), (bm, 64, 4, 4),
-                  (bm, 64, 8, 4), (bm, 32, 4, 3), (bm, 32, 4, 4)]
+                  (bm, 64, 8, 3), (bm, 32, 4, 3), (bm, 32, 4, 4)]
+        fills = [(1, "floor"), (1, "ceil")]
     else:  # compute side: query block
         launch = [(64, 32, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2)]
-    return [dict(BLOCK_M=bm_, BLOCK_N=bn, num_warps=w, num_stages=st, waves=wv, tree_split=True, combine="auto")
-            for bm_, bn, w, st in launch for wv in (1, 2)]
+        fills = [(1, "ceil"), (2, "ceil")]
+    return [dict(base, BLOCK_M=bm_, BLOCK_N=bn, num_warps=w, num_stages=st, waves=wv, fill=fl)
+            for bm_, bn, w, st in launch for wv, fl in fills]
 
 
 def tune(results, gen, ns, prefixes):
@@ -361,19 +364,21 @@ def tune(results, gen, ns, prefixes):
                 scored.append((sum(ts), ts, cfg))
         scored.sort(key=lambda t: t[0])
         print(f"[tune] N={N} stage 1 (us at {prefixes}): " + "; ".join(
-            f"{c['BLOCK_N']}/{c['num_warps']}w/{c['num_stages']}st/{c['waves']}wv {fmt(ts)}" for _, ts, c in scored[:8]), flush=True)
+            f"{c['BLOCK_M']}x{c['BLOCK_N']}/{c['num_warps']}w/{c['num_stages']}st/{c['waves']}{c['fill']} {fmt(ts)}"
+            for _, ts, c in scored[:10]), flush=True)
         _, ts0, cfg0 = scored[0]
-        stage2 = [dict(cfg0, combine="fused"), dict(cfg0, combine="kernel"), dict(cfg0, tree_split=False),
-                  dict(cfg0, tree_split=False, combine="kernel"), dict(cfg0, waves=cfg0["waves"] * 2),
-                  dict(cfg0, waves=cfg0["waves"] * 3)]
+        first = cfg0
+        stage2 = [dict(first, combine="fused"), dict(first, combine="kernel", pdl=False), dict(first, combine="kernel", pdl=True),
+                  dict(first, unified=not first["unified"]), dict(first, waves=2, fill="floor"), dict(first, min_tiles=4)]
         for cfg in stage2:
             ts = run(cfg)
             if ts is not None:
-                print(f"[tune] N={N} stage 2 {dict((k, cfg[k]) for k in ('combine', 'tree_split', 'waves'))}: {fmt(ts)}", flush=True)
+                print(f"[tune] N={N} stage 2 {dict((k, cfg[k]) for k in ('combine', 'pdl', 'unified', 'waves', 'fill', 'min_tiles'))}: "
+                      f"{fmt(ts)}", flush=True)
                 if sum(ts) < sum(ts0):
                     ts0, cfg0 = ts, cfg
         split_log = {}
-        for sp in (4, 8, 12, 16, 24, 32, 48):
+        for sp in (8, 12, 15, 16, 17, 20, 24, 32):
             ts = run(cfg0, sp)
             if ts is not None:
                 split_log[sp] = ts

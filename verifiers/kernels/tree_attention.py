@@ -54,18 +54,18 @@ def _tree_attn_fwd(
     stride_vb, stride_vh, stride_vl, stride_vd,
     stride_ob, stride_on, stride_oh, stride_od,
     stride_mb, stride_mn, stride_mw,
-    H_KV, N_Q, N_TREE, NUM_SPLITS, S_TOTAL, R_TOTAL,
+    H_KV, N_Q, N_TREE, NUM_SPLITS, R_TOTAL,
     G: tl.constexpr,
     HEAD_D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    UNIFIED: tl.constexpr,  # one pipelined loop over prefix and tree keys (bitset test on every tile)
     WRITE_PARTIAL: tl.constexpr,  # split-K: write (acc, m, l) partials instead of the output
-    TREE_SPLIT: tl.constexpr,  # the tree keys get their own program (split 0), else the last split
     FUSED: tl.constexpr,  # the last-arriving split program of a (row block, batch, kv head) merges
     RED_M: tl.constexpr,  # fused merge: rows per step
     RED_S: tl.constexpr,  # fused merge: partials per step
-    BLOCK_S: tl.constexpr,  # next power of two >= S_TOTAL
+    PDL: tl.constexpr,  # let the merge kernel launch early (programmatic dependent launch, sm90+)
     IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -74,6 +74,8 @@ def _tree_attn_fwd(
     b = pid_bh // H_KV
     kvh = pid_bh % H_KV
     b64 = b.to(tl.int64)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # the merge kernel waits for this grid to finish anyway
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] folded (query, group head)
     qi = rows // G  # [BLOCK_M] query index
@@ -88,34 +90,43 @@ def _tree_attn_fwd(
 
     k_base = K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh
+    m_base = MASK + b64 * stride_mb + qi[:, None] * stride_mn  # [BLOCK_M, 1] this row's mask words
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # ---- 1. this split's share of the committed prefix: every key visible, no mask.
-    # The chunk is cut from the row's real prefix (read on device), so a fixed host view longer
-    # than the prefix (CUDA graphs: view_len = max_len) still spreads the work over all splits.
-    if TREE_SPLIT:
-        ps = pid_s - 1  # split 0 holds the tree keys only
-        do_tree = pid_s == 0
+    # This split's share of the row's keys [0, prefix + N): prefix slots (always visible) then the
+    # tree nodes (node j at slot prefix + j, ancestor bitset). Cut from the real prefix read on
+    # device, in multiples of 16 keys, so all splits stream the same bytes, and a fixed host view
+    # longer than the prefix (CUDA graphs: view_len = max_len) still spreads over every split.
+    total = prefix + N_TREE
+    chunk = tl.cdiv(tl.cdiv(total, NUM_SPLITS), 16) * 16
+    lo = pid_s * chunk
+    hi = tl.minimum(lo + chunk, total)
+    if UNIFIED:
+        kv_end = hi
     else:
-        ps = pid_s
-        do_tree = pid_s == S_TOTAL - 1
-    chunk = tl.cdiv(tl.cdiv(prefix, BLOCK_N), NUM_SPLITS) * BLOCK_N
-    lo = ps * chunk
-    hi = tl.minimum(lo + chunk, prefix)
-    hi = tl.where(ps >= 0, hi, lo)
-    for start in range(lo, hi, BLOCK_N):
+        kv_end = tl.minimum(hi, prefix)  # 1. prefix part only: no mask
+    for start in range(lo, kv_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key slots
-        col_ok = cols < hi
+        col_ok = cols < kv_end
         k = tl.load(k_base + cols[None, :].to(tl.int64) * stride_kl + d[:, None] * stride_kd,
                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
         if IEEE:
             s = tl.dot(q, k, input_precision="ieee")
         else:
             s = tl.dot(q, k)
-        s = tl.where(col_ok[None, :], s * qk_scale, float("-inf"))  # [BLOCK_M, BLOCK_N]
+        if UNIFIED:
+            j = tl.maximum(cols - prefix, 0)  # [BLOCK_N] tree node id (0 for prefix slots)
+            in_tree = (cols >= prefix) & col_ok
+            words = tl.load(m_base + (j // 64)[None, :] * stride_mw,
+                            mask=row_ok[:, None] & in_tree[None, :], other=0)  # [BLOCK_M, BLOCK_N] int64
+            bit = (words >> (j % 64).to(tl.int64)[None, :]) & 1
+            vis = ((cols < prefix)[None, :] | (bit != 0)) & col_ok[None, :]
+        else:
+            vis = col_ok[None, :]
+        s = tl.where(vis, s * qk_scale, float("-inf"))  # [BLOCK_M, BLOCK_N]
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_use)
@@ -129,12 +140,13 @@ def _tree_attn_fwd(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    # ---- 2. the tree keys: node j at slot prefix + j, ancestor bitset mask
-    if do_tree:
-        m_base = MASK + b64 * stride_mb + qi[:, None] * stride_mn
-        for j0 in range(0, N_TREE, BLOCK_N):
+    if not UNIFIED:
+        # 2. this split's tree nodes [j_lo, j_hi) in a second loop (no bitset work on prefix tiles)
+        j_lo = tl.maximum(lo - prefix, 0)
+        j_hi = tl.maximum(hi - prefix, 0)
+        for j0 in range(j_lo, j_hi, BLOCK_N):
             j = j0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] tree node ids
-            j_ok = j < N_TREE
+            j_ok = j < j_hi
             slots = (prefix + j).to(tl.int64)
             k = tl.load(k_base + slots[None, :] * stride_kl + d[:, None] * stride_kd,
                         mask=j_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
@@ -175,7 +187,7 @@ def _tree_attn_fwd(
             tl.debug_barrier()
             c_ptr = COUNTER + pid_bh * tl.num_programs(0) + pid_m
             ticket = tl.atomic_add(c_ptr, 1, sem="acq_rel", scope="gpu")
-            if ticket == S_TOTAL - 1:
+            if ticket == NUM_SPLITS - 1:
                 tl.atomic_xchg(c_ptr, 0, sem="relaxed", scope="gpu")  # zero again for the next launch
                 m_rows = tl.minimum(N_Q * G - pid_m * BLOCK_M, BLOCK_M)
                 for r0 in range(0, m_rows, RED_M):
@@ -185,26 +197,27 @@ def _tree_attn_fwd(
                     rq = fr // G  # [RED_M] query
                     rh = kvh * G + fr % G  # [RED_M] query head
                     rrow = (b64 * N_Q + rq) * (H_KV * G) + rh  # [RED_M] partial row
-                    sa = tl.arange(0, BLOCK_S)
-                    ok2 = (sa < S_TOTAL)[:, None] & rok[None, :]
-                    p2 = sa[:, None].to(tl.int64) * R_TOTAL + rrow[None, :]  # [BLOCK_S, RED_M]
-                    m_all = tl.load(MPART + p2, mask=ok2, other=float("-inf"), cache_modifier=".cg")
-                    l_all = tl.load(LPART + p2, mask=ok2, other=0.0, cache_modifier=".cg")
-                    m_max = tl.max(m_all, 0)  # [RED_M]
-                    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-                    den = tl.sum(l_all * tl.exp2(m_all - m_max[None, :]), 0)  # [RED_M]
-                    den = tl.where(den == 0.0, 1.0, den)
+                    m_run = tl.full([RED_M], float("-inf"), dtype=tl.float32)
+                    den = tl.zeros([RED_M], dtype=tl.float32)
                     o = tl.zeros([RED_M, BLOCK_D], dtype=tl.float32)
-                    # partials summed in split order (fixed chunks): deterministic whoever merges
-                    for s0 in range(0, S_TOTAL, RED_S):
+                    # partials merged in split order, RED_S at a time (all loads of a step at once):
+                    # deterministic whichever program merges
+                    for s0 in range(0, NUM_SPLITS, RED_S):
                         ss = s0 + tl.arange(0, RED_S)
-                        ok3 = (ss < S_TOTAL)[:, None] & rok[None, :]  # [RED_S, RED_M]
+                        ok3 = (ss < NUM_SPLITS)[:, None] & rok[None, :]  # [RED_S, RED_M]
                         p3 = ss[:, None].to(tl.int64) * R_TOTAL + rrow[None, :]  # [RED_S, RED_M]
                         ms = tl.load(MPART + p3, mask=ok3, other=float("-inf"), cache_modifier=".cg")
-                        ws = tl.exp2(ms - m_max[None, :])  # [RED_S, RED_M]; empty splits weigh 0
+                        ls = tl.load(LPART + p3, mask=ok3, other=0.0, cache_modifier=".cg")
                         op = tl.load(OPART + p3[:, :, None] * BLOCK_D + d[None, None, :], mask=ok3[:, :, None],
                                      other=0.0, cache_modifier=".cg")  # [RED_S, RED_M, BLOCK_D]
-                        o += tl.sum(op * ws[:, :, None], 0)
+                        m_new = tl.maximum(m_run, tl.max(ms, 0))
+                        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                        a = tl.exp2(m_run - m_use)  # [RED_M]
+                        ws = tl.exp2(ms - m_use[None, :])  # [RED_S, RED_M]; empty splits weigh 0
+                        den = den * a + tl.sum(ls * ws, 0)
+                        o = o * a[:, None] + tl.sum(op * ws[:, :, None], 0)
+                        m_run = m_new
+                    den = tl.where(den == 0.0, 1.0, den)
                     o_ptrs = (O + b64 * stride_ob + rq[:, None] * stride_on + rh[:, None] * stride_oh
                               + d[None, :] * stride_od)
                     tl.store(o_ptrs, (o / den[:, None]).to(O.dtype.element_ty), mask=rok[:, None] & d_ok[None, :])
@@ -222,12 +235,15 @@ def _split_combine(
     HEAD_D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Merge the split-K partials of one output row r (log-sum-exp rescale, Flash-Decoding)."""
     r = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, BLOCK_S)
     s_ok = s < NUM_SPLITS
     d = tl.arange(0, BLOCK_D)
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # launched early: wait until the attention grid is done and flushed
     m = tl.load(MPART + s * R_TOTAL + r, mask=s_ok, other=float("-inf"))  # [BLOCK_S]
     l = tl.load(LPART + s * R_TOTAL + r, mask=s_ok, other=0.0)  # [BLOCK_S]
     m_max = tl.max(m, 0)
@@ -250,32 +266,41 @@ def pick_config(n_q: int, group: int, head_dim: int, dtype: torch.dtype) -> dict
     """Block shapes and split-K policy by the folded query count M = n_q * G.
 
     From the sweeps in ``benchmarks/bench_tree_attention.py`` (H200, Llama-3-8B heads, bf16,
-    prefix 8k / 16k; numbers in ``notes/issue5.md``): small M is memory-bound and likes deep
-    pipelining of the K/V tiles; large M is compute-bound and likes 64-row query blocks.
+    prefix 8k / 16k; numbers in ``notes/issue5.md``): small M is memory-bound and wants every SM
+    streaming one program's worth of K/V in a single wave; large M is compute-bound and likes
+    64-row query blocks.
 
-    Keys besides the launch shape: ``waves`` (programs per SM the default split count aims at),
-    ``min_tiles`` (key tiles per split at least, counted on the host view), ``tree_split`` (the tree
-    keys get their own split-K program, counted in ``waves``), ``combine`` (``"fused"``: the
-    last-arriving split program merges the partials in the same launch; ``"kernel"``: a second
-    launch merges them; ``"auto"``: fused while one program's merge reads at most
-    ``_FUSE_MAX_ELEMS`` partial elements).
+    Keys besides the launch shape (``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``):
+
+    * ``waves``, ``fill``: the default split count aims at ``waves`` programs per SM, rounded down
+      (``"floor"``: one wave, no SM runs two programs) or up (``"ceil"``);
+    * ``min_tiles``: at least this many key tiles per split (counted on the host view);
+    * ``unified``: one pipelined loop over prefix and tree keys (the bitset is tested on every
+      tile) instead of a prefix loop plus a tree loop;
+    * ``combine``: split-K merge, ``"kernel"`` (a second launch), ``"fused"`` (the last-arriving
+      split program merges in the same launch) or ``"auto"`` (fused while one program's merge reads
+      at most ``_FUSE_MAX_ELEMS`` partial elements);
+    * ``pdl``: launch the merge kernel with programmatic dependent launch (sm90+), so its launch
+      overlaps the attention grid.
     """
     m = n_q * group
+    mem = dict(waves=1, fill="floor", min_tiles=1, unified=True, combine="kernel", pdl=True)
     if m <= 16:  # decode (N = 1): one 16-row block holds the whole GQA group
-        return dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, waves=1, min_tiles=1, tree_split=True, combine="auto")
+        return dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, **mem)
     if m <= 64:
-        return dict(BLOCK_M=32 if m <= 32 else 64, BLOCK_N=32, num_warps=4, num_stages=3, waves=2, min_tiles=1,
-                    tree_split=True, combine="auto")
-    # compute-bound side: the split policy of the two-launch kernel (tree keys in the last split)
+        return dict(BLOCK_M=32 if m <= 32 else 64, BLOCK_N=64, num_warps=4, num_stages=3, **mem)
+    # compute-bound side: the split policy of the two-launch kernel
+    cmp_ = dict(waves=1, fill="ceil", min_tiles=4, unified=False, combine="kernel", pdl=True)
     if m <= 256:
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, waves=1, min_tiles=4, tree_split=False, combine="auto")
-    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, waves=1, min_tiles=4, tree_split=False, combine="auto")
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, **cmp_)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, **cmp_)
 
 
 _SAFE_CONFIG = dict(BLOCK_N=32, num_stages=2)  # fallback when a GPU has less shared memory
 _OUT_OF_RESOURCES: set = set()  # launch configs that did not fit, per device / dtype / shape class
-_FUSE_MAX_ELEMS = 1 << 15  # fused merge only while rows * splits * BLOCK_D partial elements stay small
-_RED_ELEMS = 1 << 14  # fused merge: partial elements loaded per step (registers)
+_NO_PDL: set = set()  # devices where a programmatic-dependent launch failed: plain launches there
+_FUSE_MAX_ELEMS = 1 << 13  # fused merge only while rows * splits * BLOCK_D partial elements stay small
+_RED_ELEMS = 1 << 13  # fused merge: partial elements loaded per step (registers)
 _COUNTERS: dict = {}  # device -> int32 arrival counters of the fused merge (zero between launches)
 
 
@@ -294,6 +319,10 @@ def _counters(device: torch.device, n: int) -> Tensor | None:
         buf = torch.zeros(max(n, 1 << 12), dtype=torch.int32, device=device)  # [n_counters]
         _COUNTERS[key] = buf
     return buf
+
+
+def _pdl_ok(device: torch.device) -> bool:
+    return device.type == "cuda" and device.index not in _NO_PDL and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def tree_attention(
@@ -318,10 +347,11 @@ def tree_attention(
         packed_mask: ``[B, n, W]`` int64 ancestor bitset over the tree nodes, ``W = ceil(n_tree/64)``.
         n_tree: N, number of tree nodes (node j at key slot ``prefix_lens[b] + j``), ``<= 128``.
         scaling: softmax scale (default ``D ** -0.5``).
-        num_splits: split-K chunks over the prefix (default: enough programs for the device); with
-            ``tree_split`` the tree keys get one more program.
+        num_splits: split-K chunks of each row's ``prefix + N`` keys (default: enough programs for
+            the device, see ``waves`` in :func:`pick_config`).
         config: block shapes (``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``) and split-K
-            policy (``waves``, ``tree_split``, ``combine``), see :func:`pick_config`.
+            policy (``waves``, ``fill``, ``min_tiles``, ``unified``, ``combine``, ``pdl``), see
+            :func:`pick_config`.
         out: optional ``[B, n, Hq, D]`` output buffer (contiguous unless the merge is fused).
     Returns:
         ``[B, n, Hq, D]`` in ``q.dtype``.
@@ -344,31 +374,27 @@ def tree_attention(
 
     m_blocks = triton.cdiv(n * G, BLOCK_M)
     prefix_bound = max(L - n_tree, 0)  # host-side upper bound on every prefix (no device sync)
-    p_blocks = triton.cdiv(prefix_bound, BLOCK_N)
-    tree_split = bool(cfg.get("tree_split", False))
+    p_blocks = triton.cdiv(prefix_bound + n_tree, BLOCK_N)
+    per_split = m_blocks * B * Hkv  # programs per split
     if num_splits is None:
-        # `waves` programs per SM: memory-bound few-query calls want every SM streaming in one wave
-        # (tree program included); compute-bound ones round up (the last split also has the tree)
         slots = cfg.get("waves", 1) * _num_sms(q.device)
-        per_split = m_blocks * B * Hkv
-        want = slots // per_split - 1 if tree_split and slots >= 3 * per_split else triton.cdiv(slots, per_split)
-        num_splits = max(1, min(want, triton.cdiv(p_blocks, cfg.get("min_tiles", 1)), 64))
-    # the kernel cuts each row's real prefix into num_splits chunks of whole tiles
+        want = slots // per_split if cfg.get("fill", "ceil") == "floor" else triton.cdiv(slots, per_split)
+        num_splits = min(want, triton.cdiv(p_blocks, cfg.get("min_tiles", 1)), 64)
+    # the kernel cuts each row's real key range (prefix + tree) into num_splits chunks
     num_splits = max(1, min(int(num_splits), max(p_blocks, 1)))
     write_partial = num_splits > 1
-    tree_split = tree_split and write_partial
-    s_total = num_splits + int(tree_split)  # programs (and partials) per (row block, batch, kv head)
 
     R = B * n * Hq
     rows = min(BLOCK_M, n * G)  # real rows of one program
-    combine = cfg.get("combine", "auto")
-    fused = write_partial and (combine == "fused" or (combine == "auto" and rows * s_total * BLOCK_D <= _FUSE_MAX_ELEMS))
-    counters = _counters(q.device, m_blocks * B * Hkv) if fused else None
+    combine = cfg.get("combine", "kernel")
+    fused = write_partial and (combine == "fused" or (combine == "auto" and rows * num_splits * BLOCK_D <= _FUSE_MAX_ELEMS))
+    counters = _counters(q.device, per_split) if fused else None
     fused = counters is not None
+    pdl = bool(cfg.get("pdl", False)) and write_partial and not fused and _pdl_ok(q.device)
     if write_partial:
-        opart = torch.empty(s_total, R, BLOCK_D, dtype=torch.float32, device=q.device)  # [S, B*n*Hq, BLOCK_D]
-        mpart = torch.empty(s_total, R, dtype=torch.float32, device=q.device)  # [S, B*n*Hq]
-        lpart = torch.empty(s_total, R, dtype=torch.float32, device=q.device)  # [S, B*n*Hq]
+        opart = torch.empty(num_splits, R, BLOCK_D, dtype=torch.float32, device=q.device)  # [S, B*n*Hq, BLOCK_D]
+        mpart = torch.empty(num_splits, R, dtype=torch.float32, device=q.device)  # [S, B*n*Hq]
+        lpart = torch.empty(num_splits, R, dtype=torch.float32, device=q.device)  # [S, B*n*Hq]
         if not fused and not out.is_contiguous():
             raise ValueError("split-K output must be contiguous [B, n, Hq, D]")
     else:
@@ -376,38 +402,54 @@ def tree_attention(
     if counters is None:
         counters = mpart  # never touched
     red_m = triton.next_power_of_2(rows)
-    block_s = max(2, triton.next_power_of_2(s_total))
+    block_s = max(2, triton.next_power_of_2(num_splits))
     red_s = max(1, min(block_s, _RED_ELEMS // (red_m * BLOCK_D)))
     red_s = 1 << (red_s.bit_length() - 1)  # power of two
-    grid = (m_blocks, B * Hkv, s_total)
+    grid = (m_blocks, B * Hkv, num_splits)
 
-    def launch(block_n, stages):
+    def launch(block_n, stages, pdl):
         _tree_attn_fwd[grid](
             q, k, v, out, packed_mask, prefix_lens,
             opart, mpart, lpart, counters,
             scale * _LOG2E,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *packed_mask.stride(),
-            Hkv, n, n_tree, num_splits, s_total, R,
+            Hkv, n, n_tree, num_splits, R,
             G=G, HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
-            WRITE_PARTIAL=write_partial, TREE_SPLIT=tree_split, FUSED=fused,
-            RED_M=red_m, RED_S=red_s, BLOCK_S=block_s,
+            UNIFIED=bool(cfg.get("unified", False)), WRITE_PARTIAL=write_partial, FUSED=fused,
+            RED_M=red_m, RED_S=red_s, PDL=pdl,
             IEEE=q.dtype == torch.float32,
             num_warps=cfg["num_warps"], num_stages=stages,
         )
 
+    def combine_launch(pdl):
+        extra = dict(launch_pdl=True) if pdl else {}
+        _split_combine[(R,)](
+            opart, mpart, lpart, out, R, num_splits,
+            HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_S=block_s, PDL=pdl,
+            num_warps=4, **extra,
+        )
+
     key = (q.device.index, q.dtype, D, G, BLOCK_M, BLOCK_N, cfg["num_warps"], cfg["num_stages"], write_partial, fused)
     if key in _OUT_OF_RESOURCES:  # known too big for this GPU: never retry (a failed load breaks graph capture)
-        launch(_SAFE_CONFIG["BLOCK_N"], _SAFE_CONFIG["num_stages"])
+        block_n, stages = _SAFE_CONFIG["BLOCK_N"], _SAFE_CONFIG["num_stages"]
+        launch(block_n, stages, pdl)
     else:
+        block_n, stages = BLOCK_N, cfg["num_stages"]
         try:
-            launch(BLOCK_N, cfg["num_stages"])
+            launch(block_n, stages, pdl)
         except OutOfResources:  # e.g. 3 stages of 128-key tiles on a GPU with less shared memory
             _OUT_OF_RESOURCES.add(key)
-            launch(_SAFE_CONFIG["BLOCK_N"], _SAFE_CONFIG["num_stages"])
+            block_n, stages = _SAFE_CONFIG["BLOCK_N"], _SAFE_CONFIG["num_stages"]
+            launch(block_n, stages, pdl)
     if write_partial and not fused:
-        _split_combine[(R,)](
-            opart, mpart, lpart, out, R, s_total,
-            HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_S=block_s,
-            num_warps=4,
-        )
+        if pdl:
+            try:
+                combine_launch(True)
+            except Exception:  # this Triton / driver cannot launch dependents: plain launches from now on
+                if torch.cuda.is_current_stream_capturing():
+                    raise
+                _NO_PDL.add(q.device.index)
+                combine_launch(False)
+        else:
+            combine_launch(False)
     return out
