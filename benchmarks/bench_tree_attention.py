@@ -59,6 +59,7 @@ def load_old():
 
 
 DEV = "cuda"
+OUT_DIR = None
 HQ, HKV, D = 32, 8, 128  # Llama-3-8B attention
 PREFIXES = [512, 1024, 2048, 4096, 8192, 16384, 32768]
 NS = [1, 16, 64, 128]
@@ -89,9 +90,9 @@ def rel_err(a, b):
 
 # ---------------------------------------------------------------- 1. correctness
 # split-K variants every check case also runs (besides the default config): both merges (fused / a
-# second launch, with and without PDL), one loop or two, 1 and 3 splits, many splits
-CHECK_VARIANTS = [(None, None), (1, None), (3, None), (None, dict(combine="fused")), (None, dict(combine="kernel", pdl=False)),
-                  (3, dict(combine="fused", unified=False)), (None, dict(unified=True, combine="kernel", pdl=True, waves=4))]
+# second launch, with and without PDL), tree keys alone or split with the prefix, 1 / 3 / many splits
+CHECK_VARIANTS = [(None, None), (1, None), (3, None), (None, dict(combine="fused")), (None, dict(combine="kernel", pdl=True)),
+                  (4, dict(combine="fused", tree_split="none")), (None, dict(tree_split="first", waves=4))]
 
 
 def check_attention(results, mode="full"):
@@ -310,12 +311,11 @@ def candidates(N):
         return [dict(base, BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2, waves=w) for w in (1, 2)]
     bm = 16 if M <= 16 else 32 if M <= 32 else 64
     if M <= 64:  # memory-bound side: key block, pipelining depth, programs per SM
-        launch = [(bm, 128, 4, 3), (bm, 128, 4, 2), (bm, 128, 8, 3), (bm, 64, 4, 2), (bm, 64, 4, 3), (bm, 64, 4, 4),
-                  (bm, 64, 8, 3), (bm, 32, 4, 3), (bm, 32, 4, 4)]
-        fills = [(1, "floor"), (1, "ceil")]
+        launch = [(bm, 128, 4, 3), (bm, 128, 4, 2), (bm, 64, 4, 3), (bm, 64, 4, 4), (bm, 32, 4, 3), (bm, 32, 4, 4)]
+        fills = [(1, base["fill"])]
     else:  # compute side: query block
         launch = [(64, 32, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2)]
-        fills = [(1, "ceil"), (2, "ceil")]
+        fills = [(1, "ceil")]
     return [dict(base, BLOCK_M=bm_, BLOCK_N=bn, num_warps=w, num_stages=st, waves=wv, fill=fl)
             for bm_, bn, w, st in launch for wv, fl in fills]
 
@@ -368,17 +368,18 @@ def tune(results, gen, ns, prefixes):
             for _, ts, c in scored[:10]), flush=True)
         _, ts0, cfg0 = scored[0]
         first = cfg0
-        stage2 = [dict(first, combine="fused"), dict(first, combine="kernel", pdl=False), dict(first, combine="kernel", pdl=True),
-                  dict(first, unified=not first["unified"]), dict(first, waves=2, fill="floor"), dict(first, min_tiles=4)]
+        stage2 = [dict(first, combine="fused"), dict(first, pdl=not first["pdl"])]
+        stage2 += [dict(first, tree_split=t) for t in ("none", "first", "last") if t != first["tree_split"]]
+        stage2 += [dict(first, fill="floor" if first["fill"] == "ceil" else "ceil")]
         for cfg in stage2:
             ts = run(cfg)
             if ts is not None:
-                print(f"[tune] N={N} stage 2 {dict((k, cfg[k]) for k in ('combine', 'pdl', 'unified', 'waves', 'fill', 'min_tiles'))}: "
+                print(f"[tune] N={N} stage 2 {dict((k, cfg[k]) for k in ('combine', 'pdl', 'tree_split', 'waves', 'fill', 'min_tiles'))}: "
                       f"{fmt(ts)}", flush=True)
                 if sum(ts) < sum(ts0):
                     ts0, cfg0 = ts, cfg
         split_log = {}
-        for sp in (8, 12, 15, 16, 17, 20, 24, 32):
+        for sp in ((8, 12, 16, 17, 20, 24, 33) if N * (HQ // HKV) <= 64 else (2, 3, 4, 6, 8, 12)):
             ts = run(cfg0, sp)
             if ts is not None:
                 split_log[sp] = ts
@@ -452,6 +453,8 @@ def timing(results, best, copy_bw, tflops, gen, ns, prefixes, baselines="all", o
                   f"{bw:6.0f} GB/s ({100 * bw / copy_bw:4.1f}%, default {100 * r['default_frac_copy_bw']:4.1f}%) floor {floor_ms * 1e3:.1f}",
                   flush=True)
             results["timing"] = rows
+            if OUT_DIR:
+                save(results, OUT_DIR)  # a run cut short keeps the rows so far
     return rows
 
 
@@ -492,7 +495,8 @@ def main():
     ap.add_argument("--no-commit", action="store_true")
     ap.add_argument("--no-generate", action="store_true")
     args = ap.parse_args()
-    global DEV, HQ, HKV, D, PREFIXES, NS, CHECK_DIMS, CHECK_PREFIXES, TUNE_PREFIX, SMS, L2_BYTES
+    global DEV, HQ, HKV, D, PREFIXES, NS, CHECK_DIMS, CHECK_PREFIXES, TUNE_PREFIX, SMS, L2_BYTES, OUT_DIR
+    OUT_DIR = args.out
     if args.smoke:
         DEV, HQ, HKV, D = "cpu", 4, 1, 16
         PREFIXES, NS, CHECK_DIMS, CHECK_PREFIXES, TUNE_PREFIX = [70], [1, 5], (16,), ([0, 7],), 70

@@ -82,18 +82,18 @@ def test_tree_attention_matches_sdpa(B, Hq, Hkv, D, N, prefix, shape, splits):
 
 
 @pytest.mark.parametrize("combine", ["fused", "kernel"])
-@pytest.mark.parametrize("unified", [True, False])
-def test_split_k_merges_match_sdpa(combine, unified):
-    """Both split-K merges (last-arriving program / second launch), one loop over prefix + tree keys
-    or a prefix loop and a tree loop, with the tree nodes spread over several splits (N > chunk);
-    the fused merge re-arms its counters, so a second call repeats bit for bit."""
+@pytest.mark.parametrize("tree_split", ["none", "first", "last"])
+def test_split_k_merges_match_sdpa(combine, tree_split):
+    """Both split-K merges (last-arriving program / second launch); prefix + tree keys cut evenly
+    (tree nodes spread over two splits in row 0) or the tree keys alone in the first / last
+    program; the fused merge re-arms its counters, so a second call repeats bit for bit."""
     ta = importlib.import_module("verifiers.kernels.tree_attention")
     gen = torch.Generator().manual_seed(21)
     B, Hq, Hkv, D, N = 2, 4, 2, 16, 9
     tree = _tree("random", B, N, gen)
     q, k, v, pl, L = _inputs(B, Hq, Hkv, D, N, [13, 150], gen)
     ref, _ = _reference(q, k, v, pl, tree, L)
-    cfg = dict(combine=combine, unified=unified, BLOCK_M=16, BLOCK_N=16)
+    cfg = dict(combine=combine, tree_split=tree_split, BLOCK_M=16, BLOCK_N=16)
     outs = []
     for _ in range(2):
         out = torch.full((B, N, Hq, D), float("nan"))

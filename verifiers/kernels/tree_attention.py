@@ -60,7 +60,7 @@ def _tree_attn_fwd(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    UNIFIED: tl.constexpr,  # one pipelined loop over prefix and tree keys (bitset test on every tile)
+    TREE_SPLIT: tl.constexpr,  # 0: split prefix + tree keys evenly; 1 / 2: tree keys alone in the first / last split
     WRITE_PARTIAL: tl.constexpr,  # split-K: write (acc, m, l) partials instead of the output
     FUSED: tl.constexpr,  # the last-arriving split program of a (row block, batch, kv head) merges
     RED_M: tl.constexpr,  # fused merge: rows per step
@@ -96,18 +96,31 @@ def _tree_attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # This split's share of the row's keys [0, prefix + N): prefix slots (always visible) then the
-    # tree nodes (node j at slot prefix + j, ancestor bitset). Cut from the real prefix read on
-    # device, in multiples of 16 keys, so all splits stream the same bytes, and a fixed host view
-    # longer than the prefix (CUDA graphs: view_len = max_len) still spreads over every split.
-    total = prefix + N_TREE
-    chunk = tl.cdiv(tl.cdiv(total, NUM_SPLITS), 16) * 16
-    lo = pid_s * chunk
-    hi = tl.minimum(lo + chunk, total)
-    if UNIFIED:
-        kv_end = hi
+    # This split's share of the row's keys, cut from the real prefix read on device (so a fixed host
+    # view longer than the prefix, as under CUDA graphs with view_len = max_len, still spreads the
+    # work over every split). TREE_SPLIT 0: keys [0, prefix + N) in equal 16-key-aligned chunks
+    # (prefix slots, then tree node j at slot prefix + j). TREE_SPLIT 1 / 2: whole key tiles of the
+    # prefix over NUM_SPLITS - 1 programs, the N tree keys alone in the first / last program.
+    if TREE_SPLIT == 0:
+        total = prefix + N_TREE
+        chunk = tl.cdiv(tl.cdiv(total, NUM_SPLITS), 16) * 16
+        lo = pid_s * chunk
+        hi = tl.minimum(lo + chunk, total)
+        j_lo = tl.maximum(lo - prefix, 0)  # tree nodes [j_lo, j_hi) of this split
+        j_hi = tl.maximum(hi - prefix, 0)
     else:
-        kv_end = tl.minimum(hi, prefix)  # 1. prefix part only: no mask
+        if TREE_SPLIT == 1:
+            ps = pid_s - 1
+            is_tree = pid_s == 0
+        else:
+            ps = pid_s
+            is_tree = pid_s == NUM_SPLITS - 1
+        chunk = tl.cdiv(tl.cdiv(prefix, BLOCK_N), NUM_SPLITS - 1) * BLOCK_N
+        lo = ps * chunk
+        hi = tl.where(is_tree, lo, tl.minimum(lo + chunk, prefix))
+        j_lo = 0
+        j_hi = tl.where(is_tree, N_TREE, 0)
+    kv_end = tl.minimum(hi, prefix)  # 1. prefix keys: every key visible, no mask
     for start in range(lo, kv_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key slots
         col_ok = cols < kv_end
@@ -117,16 +130,7 @@ def _tree_attn_fwd(
             s = tl.dot(q, k, input_precision="ieee")
         else:
             s = tl.dot(q, k)
-        if UNIFIED:
-            j = tl.maximum(cols - prefix, 0)  # [BLOCK_N] tree node id (0 for prefix slots)
-            in_tree = (cols >= prefix) & col_ok
-            words = tl.load(m_base + (j // 64)[None, :] * stride_mw,
-                            mask=row_ok[:, None] & in_tree[None, :], other=0)  # [BLOCK_M, BLOCK_N] int64
-            bit = (words >> (j % 64).to(tl.int64)[None, :]) & 1
-            vis = ((cols < prefix)[None, :] | (bit != 0)) & col_ok[None, :]
-        else:
-            vis = col_ok[None, :]
-        s = tl.where(vis, s * qk_scale, float("-inf"))  # [BLOCK_M, BLOCK_N]
+        s = tl.where(col_ok[None, :], s * qk_scale, float("-inf"))  # [BLOCK_M, BLOCK_N]
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_use)
@@ -140,37 +144,34 @@ def _tree_attn_fwd(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    if not UNIFIED:
-        # 2. this split's tree nodes [j_lo, j_hi) in a second loop (no bitset work on prefix tiles)
-        j_lo = tl.maximum(lo - prefix, 0)
-        j_hi = tl.maximum(hi - prefix, 0)
-        for j0 in range(j_lo, j_hi, BLOCK_N):
-            j = j0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] tree node ids
-            j_ok = j < j_hi
-            slots = (prefix + j).to(tl.int64)
-            k = tl.load(k_base + slots[None, :] * stride_kl + d[:, None] * stride_kd,
-                        mask=j_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-            words = tl.load(m_base + (j // 64)[None, :] * stride_mw,
-                            mask=row_ok[:, None] & j_ok[None, :], other=0)  # [BLOCK_M, BLOCK_N] int64
-            bit = (words >> (j % 64).to(tl.int64)[None, :]) & 1
-            vis = (bit != 0) & j_ok[None, :]
-            if IEEE:
-                s = tl.dot(q, k, input_precision="ieee")
-            else:
-                s = tl.dot(q, k)
-            s = tl.where(vis, s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + slots[:, None] * stride_vl + d[None, :] * stride_vd,
-                        mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+    # 2. this split's tree nodes [j_lo, j_hi): ancestor bitset, one or two int64 words a row
+    for j0 in range(j_lo, j_hi, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] tree node ids
+        j_ok = j < j_hi
+        slots = (prefix + j).to(tl.int64)
+        k = tl.load(k_base + slots[None, :] * stride_kl + d[:, None] * stride_kd,
+                    mask=j_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+        words = tl.load(m_base + (j // 64)[None, :] * stride_mw,
+                        mask=row_ok[:, None] & j_ok[None, :], other=0)  # [BLOCK_M, BLOCK_N] int64
+        bit = (words >> (j % 64).to(tl.int64)[None, :]) & 1
+        vis = (bit != 0) & j_ok[None, :]
+        if IEEE:
+            s = tl.dot(q, k, input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
+        s = tl.where(vis, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + slots[:, None] * stride_vl + d[None, :] * stride_vd,
+                    mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
 
     st_mask = row_ok[:, None] & d_ok[None, :]
     if WRITE_PARTIAL:
@@ -272,25 +273,30 @@ def pick_config(n_q: int, group: int, head_dim: int, dtype: torch.dtype) -> dict
 
     Keys besides the launch shape (``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``):
 
-    * ``waves``, ``fill``: the default split count aims at ``waves`` programs per SM, rounded down
-      (``"floor"``: one wave, no SM runs two programs) or up (``"ceil"``);
+    * ``waves``, ``fill``: the default number of split-K programs aims at ``waves`` programs per SM,
+      rounded down (``"floor"``: no SM gets two) or up (``"ceil"``);
     * ``min_tiles``: at least this many key tiles per split (counted on the host view);
-    * ``unified``: one pipelined loop over prefix and tree keys (the bitset is tested on every
-      tile) instead of a prefix loop plus a tree loop;
+    * ``tree_split``: ``"none"`` (prefix + tree keys cut into equal chunks), ``"first"`` / ``"last"``
+      (whole prefix tiles over all programs but one; the tree keys alone in the first / last);
     * ``combine``: split-K merge, ``"kernel"`` (a second launch), ``"fused"`` (the last-arriving
       split program merges in the same launch) or ``"auto"`` (fused while one program's merge reads
       at most ``_FUSE_MAX_ELEMS`` partial elements);
-    * ``pdl``: launch the merge kernel with programmatic dependent launch (sm90+), so its launch
-      overlaps the attention grid.
+    * ``pdl``: launch the merge kernel with programmatic dependent launch (sm90+).
+
+    The H200 sweeps found the second-launch merge without PDL fastest (the fused merge's release
+    fence + atomic + loads cost more than the second launch, PDL added ~0.5 us), and one wave of
+    programs with at most one streaming program per SM (two heavy programs on one SM halve each
+    one's bandwidth and set the tail).
     """
     m = n_q * group
-    mem = dict(waves=1, fill="floor", min_tiles=1, unified=True, combine="kernel", pdl=True)
-    if m <= 16:  # decode (N = 1): one 16-row block holds the whole GQA group
-        return dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, **mem)
+    if m <= 16:  # decode (N = 1): one 16-row block holds the whole GQA group; 16 prefix splits + tree per kv head
+        return dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, waves=1, fill="ceil", min_tiles=1,
+                    tree_split="last", combine="kernel", pdl=False)
     if m <= 64:
-        return dict(BLOCK_M=32 if m <= 32 else 64, BLOCK_N=64, num_warps=4, num_stages=3, **mem)
-    # compute-bound side: the split policy of the two-launch kernel
-    cmp_ = dict(waves=1, fill="ceil", min_tiles=4, unified=False, combine="kernel", pdl=True)
+        return dict(BLOCK_M=32 if m <= 32 else 64, BLOCK_N=64, num_warps=4, num_stages=3, waves=1, fill="floor",
+                    min_tiles=1, tree_split="first", combine="kernel", pdl=False)
+    # compute-bound side: the split policy of the two-launch kernel, prefix + tree split evenly
+    cmp_ = dict(waves=1, fill="ceil", min_tiles=4, tree_split="none", combine="kernel", pdl=False)
     if m <= 256:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, **cmp_)
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, **cmp_)
@@ -347,10 +353,10 @@ def tree_attention(
         packed_mask: ``[B, n, W]`` int64 ancestor bitset over the tree nodes, ``W = ceil(n_tree/64)``.
         n_tree: N, number of tree nodes (node j at key slot ``prefix_lens[b] + j``), ``<= 128``.
         scaling: softmax scale (default ``D ** -0.5``).
-        num_splits: split-K chunks of each row's ``prefix + N`` keys (default: enough programs for
-            the device, see ``waves`` in :func:`pick_config`).
+        num_splits: split-K programs per (row block, batch, kv head), a tree-only program included
+            (default: enough programs for the device, see ``waves`` in :func:`pick_config`).
         config: block shapes (``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``) and split-K
-            policy (``waves``, ``fill``, ``min_tiles``, ``unified``, ``combine``, ``pdl``), see
+            policy (``waves``, ``fill``, ``min_tiles``, ``tree_split``, ``combine``, ``pdl``), see
             :func:`pick_config`.
         out: optional ``[B, n, Hq, D]`` output buffer (contiguous unless the merge is fused).
     Returns:
@@ -380,9 +386,10 @@ def tree_attention(
         slots = cfg.get("waves", 1) * _num_sms(q.device)
         want = slots // per_split if cfg.get("fill", "ceil") == "floor" else triton.cdiv(slots, per_split)
         num_splits = min(want, triton.cdiv(p_blocks, cfg.get("min_tiles", 1)), 64)
-    # the kernel cuts each row's real key range (prefix + tree) into num_splits chunks
+    # split-K programs per (row block, batch, kv head), the tree program included
     num_splits = max(1, min(int(num_splits), max(p_blocks, 1)))
     write_partial = num_splits > 1
+    tree_split = {"none": 0, "first": 1, "last": 2}[cfg.get("tree_split", "none")] if num_splits > 2 else 0
 
     R = B * n * Hq
     rows = min(BLOCK_M, n * G)  # real rows of one program
@@ -415,7 +422,7 @@ def tree_attention(
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *packed_mask.stride(),
             Hkv, n, n_tree, num_splits, R,
             G=G, HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
-            UNIFIED=bool(cfg.get("unified", False)), WRITE_PARTIAL=write_partial, FUSED=fused,
+            TREE_SPLIT=tree_split, WRITE_PARTIAL=write_partial, FUSED=fused,
             RED_M=red_m, RED_S=red_s, PDL=pdl,
             IEEE=q.dtype == torch.float32,
             num_warps=cfg["num_warps"], num_stages=stages,
