@@ -183,14 +183,19 @@ def run_reference(args) -> dict:
     if args.extend_warm:
         # decode more warm-up conversations for an existing reference (eval requests unchanged)
         doc = json.loads(Path(args.extend_warm).read_text())
+        have = doc["config"]["warm_prompts"]
         for name, s in doc["sets"].items():
             n_turns = 2 if name == "mtbench" else 1
-            have = doc["config"]["warm_prompts"]
             more = load_set(args, name, args.warm_prompts - have, doc["config"]["prompts"] + have)
             t0 = time.perf_counter()
-            s["warm"] += [q for r in more for q in pl.conversation(r.turns[:n_turns])]
+            if args.warm_batch:
+                s["warm"] += batched_conversations(model, tok, [r.turns[:n_turns] for r in more], args.max_new_tokens,
+                                                   pl.eos, args.warm_batch)
+            else:
+                s["warm"] += [q for r in more for q in pl.conversation(r.turns[:n_turns])]
             print(f"[{name}] +{len(more)} warm-up conversations in {time.perf_counter() - t0:.1f} s", flush=True)
         doc["config"]["warm_prompts"] = args.warm_prompts
+        doc["config"].setdefault("warm_batched_from", {})[str(have)] = args.warm_batch
         return doc
     doc = {"config": vars(args).copy(), "device": str(pl.device), "sets": {}}
     for name in args.sets:
@@ -204,6 +209,47 @@ def run_reference(args) -> dict:
         doc["sets"][name] = {"eval": evals, "warm": warms}
         doc["sets"][name]["crosscheck"] = crosscheck(model, pl, doc["sets"][name], args)
     return doc
+
+
+def batched_conversations(model, tok, convs: list[list[str]], max_new_tokens: int, eos, batch: int) -> list[dict]:
+    """Greedy outputs of many conversations, ``batch`` requests per ``model.generate`` call (left
+    padded, longest prompts together): a fast way to decode a large warm-up split. Padding can
+    change a rare near-tie token relative to unbatched decoding; these outputs only warm a cache,
+    they are never a reference. Turn i + 1's prompt holds turn i's answer, as in
+    :meth:`PromptLookupRunner.conversation`. Requests are returned conversation by conversation."""
+    import torch
+
+    from experiments.prompts import chat_ids
+
+    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
+    device = next(model.parameters()).device
+    answers: list[list[str]] = [[] for _ in convs]
+    done: list[list[dict]] = [[] for _ in convs]
+    for turn in range(max(len(c) for c in convs)):
+        todo = [k for k, c in enumerate(convs) if turn < len(c)]
+        prompts = {k: chat_ids(tok, convs[k][: turn + 1], answers[k]) for k in todo}
+        todo.sort(key=lambda k: len(prompts[k]))
+        for j in range(0, len(todo), batch):
+            ks = todo[j : j + batch]
+            width = max(len(prompts[k]) for k in ks)
+            x = torch.zeros((len(ks), width), dtype=torch.long)
+            mask = torch.zeros_like(x)
+            for r, k in enumerate(ks):
+                x[r, width - len(prompts[k]) :] = torch.tensor(prompts[k])
+                mask[r, width - len(prompts[k]) :] = 1
+            with torch.inference_mode():
+                y = model.generate(x.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                                   do_sample=False, eos_token_id=eos, pad_token_id=0, top_k=None, top_p=None,
+                                   temperature=None)
+            for r, k in enumerate(ks):
+                out = []
+                for t in y[r, width:].tolist():
+                    out.append(t)
+                    if t in eos_ids:
+                        break
+                done[k].append({"prompt": prompts[k], "output": out, "batched": True})
+                answers[k].append(tok.decode(out, skip_special_tokens=True))
+    return [q for reqs in done for q in reqs]
 
 
 def crosscheck(model, pl, s: dict, args) -> dict:
@@ -458,6 +504,10 @@ def main(argv=None):
     ap.add_argument("--crosscheck-tokens", type=int, default=0,
                     help="max_new_tokens of the real generate() cross-check (default: --max-new-tokens)")
     ap.add_argument("--extend-warm", default=None, help="run: add warm-up conversations to this reference file")
+    ap.add_argument("--warm-batch", type=int, default=0,
+                    help="--extend-warm: decode the added warm-up conversations in batches of this size (plain "
+                         "batched greedy instead of prompt lookup one by one; 0 = one by one)")
+    ap.add_argument("--out", default=None, help="run: write the reference here (default $OUT or results/)")
     ap.add_argument("--reference", default="results/bench_lookahead_reference.json")
     args = ap.parse_args(argv)
 
@@ -474,8 +524,8 @@ def main(argv=None):
     if args.mode in ("all", "run", "crosscheck"):
         doc = run_reference(args)
         out_dir = Path(os.environ["OUT"]) if args.mode == "run" and os.environ.get("OUT") else Path("results")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        ref = out_dir / "bench_lookahead_reference.json"
+        ref = Path(args.out) if args.out else out_dir / "bench_lookahead_reference.json"
+        ref.parent.mkdir(parents=True, exist_ok=True)
         ref.write_text(json.dumps(doc))
         print(f"wrote {ref}")
     if args.mode in ("all", "replay"):
