@@ -92,7 +92,8 @@ def rel_err(a, b):
 # split-K variants every check case also runs (besides the default config): both merges (fused / a
 # second launch, with and without PDL), tree keys alone or split with the prefix, 1 / 3 / many splits
 CHECK_VARIANTS = [(None, None), (1, None), (3, None), (None, dict(combine="fused")), (None, dict(combine="kernel", pdl=True)),
-                  (4, dict(combine="fused", tree_split="none")), (None, dict(tree_split="first", waves=4))]
+                  (4, dict(combine="fused", tree_split="none")), (None, dict(tree_split="first", waves=4)),
+                  (None, dict(tree_split="last", waves=1, min_tiles=1))]
 
 
 def check_attention(results, mode="full"):
@@ -312,7 +313,7 @@ def candidates(N):
     bm = 16 if M <= 16 else 32 if M <= 32 else 64
     if M <= 64:  # memory-bound side: key block, pipelining depth, programs per SM
         launch = [(bm, 128, 4, 3), (bm, 128, 4, 2), (bm, 64, 4, 3), (bm, 64, 4, 4), (bm, 32, 4, 3), (bm, 32, 4, 4)]
-        fills = [(1, base["fill"])]
+        fills = [(base["waves"], base["fill"])]
     else:  # compute side: query block
         launch = [(64, 32, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2)]
         fills = [(1, "ceil")]
@@ -369,7 +370,10 @@ def tune(results, gen, ns, prefixes):
         _, ts0, cfg0 = scored[0]
         first = cfg0
         stage2 = [dict(first, combine="fused"), dict(first, pdl=not first["pdl"])]
-        stage2 += [dict(first, tree_split=t) for t in ("none", "first", "last") if t != first["tree_split"]]
+        # the other split policies (device-side chunks at one wave, as they measured best; legacy as before)
+        stage2 += [dict(first, tree_split=t, waves=w, fill=f, min_tiles=mt)
+                   for t, w, f, mt in (("none", 1, "floor", 1), ("first", 1, "floor", 1), ("last", 1, "ceil", 1), ("legacy", 2, "ceil", 4))
+                   if t != first["tree_split"]]
         stage2 += [dict(first, fill="floor" if first["fill"] == "ceil" else "ceil")]
         for cfg in stage2:
             ts = run(cfg)

@@ -82,11 +82,12 @@ def test_tree_attention_matches_sdpa(B, Hq, Hkv, D, N, prefix, shape, splits):
 
 
 @pytest.mark.parametrize("combine", ["fused", "kernel"])
-@pytest.mark.parametrize("tree_split", ["none", "first", "last"])
+@pytest.mark.parametrize("tree_split", ["none", "first", "last", "legacy"])
 def test_split_k_merges_match_sdpa(combine, tree_split):
     """Both split-K merges (last-arriving program / second launch); prefix + tree keys cut evenly
-    (tree nodes spread over two splits in row 0) or the tree keys alone in the first / last
-    program; the fused merge re-arms its counters, so a second call repeats bit for bit."""
+    (tree nodes spread over two splits in row 0), the tree keys alone in the first / last program,
+    or host-sized prefix chunks with the tree at the end of the last split; the fused merge re-arms
+    its counters, so a second call repeats bit for bit."""
     ta = importlib.import_module("verifiers.kernels.tree_attention")
     gen = torch.Generator().manual_seed(21)
     B, Hq, Hkv, D, N = 2, 4, 2, 16, 9
@@ -106,14 +107,15 @@ def test_split_k_merges_match_sdpa(combine, tree_split):
 
 def test_long_view_splits_the_real_prefix():
     """A host view far longer than the prefixes (CUDA graphs keep view_len = max_len): the splits
-    are cut from the prefix read on device, the result equals the tight view's."""
+    are cut from the prefix read on device (host-sized for "legacy"), the result equals the tight view's."""
     gen = torch.Generator().manual_seed(8)
     B, Hq, Hkv, D, N = 2, 4, 1, 16, 5
     tree = _tree("random", B, N, gen)
     q, k, v, pl, L = _inputs(B, Hq, Hkv, D, N, [40, 7], gen, slack=300)
     ref, _ = _reference(q, k, v, pl, tree, L)
-    got = tree_attention(q, k, v, pl, tree.packed_ancestor_mask, N, num_splits=4, config=dict(BLOCK_N=16))
-    torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
+    for mode in ("none", "first", "last", "legacy"):
+        got = tree_attention(q, k, v, pl, tree.packed_ancestor_mask, N, num_splits=4, config=dict(BLOCK_N=16, tree_split=mode))
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
 
 
 def test_tree_attention_queries_subset_and_scale():

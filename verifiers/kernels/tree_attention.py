@@ -55,12 +55,14 @@ def _tree_attn_fwd(
     stride_ob, stride_on, stride_oh, stride_od,
     stride_mb, stride_mn, stride_mw,
     H_KV, N_Q, N_TREE, NUM_SPLITS, R_TOTAL,
+    CHUNK,  # TREE_SPLIT 3: prefix keys per split, from the host view
     G: tl.constexpr,
     HEAD_D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    TREE_SPLIT: tl.constexpr,  # 0: split prefix + tree keys evenly; 1 / 2: tree keys alone in the first / last split
+    TREE_SPLIT: tl.constexpr,  # 0: prefix + tree keys split evenly; 1 / 2: tree keys alone in the first / last split;
+    # 3: host-sized prefix chunks, tree keys at the end of the last split (the two-launch kernel of 56964df)
     WRITE_PARTIAL: tl.constexpr,  # split-K: write (acc, m, l) partials instead of the output
     FUSED: tl.constexpr,  # the last-arriving split program of a (row block, batch, kv head) merges
     RED_M: tl.constexpr,  # fused merge: rows per step
@@ -96,11 +98,12 @@ def _tree_attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # This split's share of the row's keys, cut from the real prefix read on device (so a fixed host
-    # view longer than the prefix, as under CUDA graphs with view_len = max_len, still spreads the
-    # work over every split). TREE_SPLIT 0: keys [0, prefix + N) in equal 16-key-aligned chunks
-    # (prefix slots, then tree node j at slot prefix + j). TREE_SPLIT 1 / 2: whole key tiles of the
-    # prefix over NUM_SPLITS - 1 programs, the N tree keys alone in the first / last program.
+    # This split's share of the row's keys. TREE_SPLIT 0-2 cut it from the real prefix read on
+    # device (so a fixed host view longer than the prefix, as under CUDA graphs with view_len =
+    # max_len, still spreads the work over every split). 0: keys [0, prefix + N) in equal
+    # 16-key-aligned chunks (prefix slots, then tree node j at slot prefix + j). 1 / 2: whole key
+    # tiles of the prefix over NUM_SPLITS - 1 programs, the N tree keys alone in the first / last
+    # program. 3: CHUNK prefix keys per split (host view), the tree keys after the last split's.
     if TREE_SPLIT == 0:
         total = prefix + N_TREE
         chunk = tl.cdiv(tl.cdiv(total, NUM_SPLITS), 16) * 16
@@ -108,18 +111,25 @@ def _tree_attn_fwd(
         hi = tl.minimum(lo + chunk, total)
         j_lo = tl.maximum(lo - prefix, 0)  # tree nodes [j_lo, j_hi) of this split
         j_hi = tl.maximum(hi - prefix, 0)
+        do_tree = True  # (unguarded loop, as timed in the final run; empty where j_hi <= j_lo)
+    elif TREE_SPLIT == 3:
+        lo = pid_s * CHUNK
+        hi = tl.minimum(lo + CHUNK, prefix)
+        j_lo = 0
+        j_hi = N_TREE
+        do_tree = pid_s == NUM_SPLITS - 1
     else:
         if TREE_SPLIT == 1:
             ps = pid_s - 1
-            is_tree = pid_s == 0
+            do_tree = pid_s == 0
         else:
             ps = pid_s
-            is_tree = pid_s == NUM_SPLITS - 1
+            do_tree = pid_s == NUM_SPLITS - 1
         chunk = tl.cdiv(tl.cdiv(prefix, BLOCK_N), NUM_SPLITS - 1) * BLOCK_N
         lo = ps * chunk
-        hi = tl.where(is_tree, lo, tl.minimum(lo + chunk, prefix))
+        hi = tl.where(do_tree, lo, tl.minimum(lo + chunk, prefix))
         j_lo = 0
-        j_hi = tl.where(is_tree, N_TREE, 0)
+        j_hi = N_TREE
     kv_end = tl.minimum(hi, prefix)  # 1. prefix keys: every key visible, no mask
     for start in range(lo, kv_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key slots
@@ -145,33 +155,34 @@ def _tree_attn_fwd(
         m_i = m_new
 
     # 2. this split's tree nodes [j_lo, j_hi): ancestor bitset, one or two int64 words a row
-    for j0 in range(j_lo, j_hi, BLOCK_N):
-        j = j0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] tree node ids
-        j_ok = j < j_hi
-        slots = (prefix + j).to(tl.int64)
-        k = tl.load(k_base + slots[None, :] * stride_kl + d[:, None] * stride_kd,
-                    mask=j_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        words = tl.load(m_base + (j // 64)[None, :] * stride_mw,
-                        mask=row_ok[:, None] & j_ok[None, :], other=0)  # [BLOCK_M, BLOCK_N] int64
-        bit = (words >> (j % 64).to(tl.int64)[None, :]) & 1
-        vis = (bit != 0) & j_ok[None, :]
-        if IEEE:
-            s = tl.dot(q, k, input_precision="ieee")
-        else:
-            s = tl.dot(q, k)
-        s = tl.where(vis, s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + slots[:, None] * stride_vl + d[None, :] * stride_vd,
-                    mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    if do_tree:  # modes 1-3: programs without tree keys skip the loop and its pipeline prologue
+        for j0 in range(j_lo, j_hi, BLOCK_N):
+            j = j0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] tree node ids
+            j_ok = j < j_hi
+            slots = (prefix + j).to(tl.int64)
+            k = tl.load(k_base + slots[None, :] * stride_kl + d[:, None] * stride_kd,
+                        mask=j_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+            words = tl.load(m_base + (j // 64)[None, :] * stride_mw,
+                            mask=row_ok[:, None] & j_ok[None, :], other=0)  # [BLOCK_M, BLOCK_N] int64
+            bit = (words >> (j % 64).to(tl.int64)[None, :]) & 1
+            vis = (bit != 0) & j_ok[None, :]
+            if IEEE:
+                s = tl.dot(q, k, input_precision="ieee")
+            else:
+                s = tl.dot(q, k)
+            s = tl.where(vis, s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + slots[:, None] * stride_vl + d[None, :] * stride_vd,
+                        mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
 
     st_mask = row_ok[:, None] & d_ok[None, :]
     if WRITE_PARTIAL:
@@ -277,29 +288,36 @@ def pick_config(n_q: int, group: int, head_dim: int, dtype: torch.dtype) -> dict
       rounded down (``"floor"``: no SM gets two) or up (``"ceil"``);
     * ``min_tiles``: at least this many key tiles per split (counted on the host view);
     * ``tree_split``: ``"none"`` (prefix + tree keys cut into equal chunks), ``"first"`` / ``"last"``
-      (whole prefix tiles over all programs but one; the tree keys alone in the first / last);
+      (whole prefix tiles over all programs but one; the tree keys alone in the first / last),
+      ``"legacy"`` (prefix chunks sized on the host view, the tree keys after the last split's
+      prefix keys: the previous kernel's policy); all but ``"legacy"`` cut the chunks from the
+      prefix read on device;
     * ``combine``: split-K merge, ``"kernel"`` (a second launch), ``"fused"`` (the last-arriving
       split program merges in the same launch) or ``"auto"`` (fused while one program's merge reads
       at most ``_FUSE_MAX_ELEMS`` partial elements);
     * ``pdl``: launch the merge kernel with programmatic dependent launch (sm90+).
 
-    The H200 sweeps found the second-launch merge without PDL fastest (the fused merge's release
-    fence + atomic + loads cost more than the second launch, PDL added ~0.5 us), and one wave of
-    programs with at most one streaming program per SM (two heavy programs on one SM halve each
-    one's bandwidth and set the tail).
+    What the H200 sweeps found (``notes/issue5.md``): for few queries none of the new policies
+    beat the previous one below 16k (the fused merge's release fence + atomic + loads cost more
+    than a second launch, PDL added ~0.5 us, a dedicated tree program or one more wave did not
+    pay); for many queries the even prefix + tree split, and for 512-row blocks the fused merge,
+    are 5-25 % faster than the previous kernel at every prefix.
     """
     m = n_q * group
-    if m <= 16:  # decode (N = 1): one 16-row block holds the whole GQA group; 16 prefix splits + tree per kv head
-        return dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, waves=1, fill="ceil", min_tiles=1,
-                    tree_split="last", combine="kernel", pdl=False)
+    # few queries: the split policy and launch shapes of the previous kernel (host-sized prefix
+    # chunks, tree keys at the end of the last split): faster than every new policy in the final
+    # H200 run at prefixes up to 8k (notes/issue5.md)
+    legacy = dict(waves=2, fill="ceil", min_tiles=4, tree_split="legacy", combine="kernel", pdl=False)
+    if m <= 16:  # decode (N = 1): one 16-row block holds the whole GQA group
+        return dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, **legacy)
     if m <= 64:
-        return dict(BLOCK_M=32 if m <= 32 else 64, BLOCK_N=64, num_warps=4, num_stages=3, waves=1, fill="floor",
-                    min_tiles=1, tree_split="first", combine="kernel", pdl=False)
-    # compute-bound side: the split policy of the two-launch kernel, prefix + tree split evenly
-    cmp_ = dict(waves=1, fill="ceil", min_tiles=4, tree_split="none", combine="kernel", pdl=False)
+        return dict(BLOCK_M=32 if m <= 32 else 64, BLOCK_N=32, num_warps=4, num_stages=3, **legacy)
+    # compute-bound side (the final run's sweep winners at prefix 8k): prefix + tree keys split evenly
     if m <= 256:
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, **cmp_)
-    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, **cmp_)
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, waves=1, fill="floor", min_tiles=4,
+                    tree_split="none", combine="kernel", pdl=False)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, waves=1, fill="ceil", min_tiles=4,
+                tree_split="none", combine="fused", pdl=False)
 
 
 _SAFE_CONFIG = dict(BLOCK_N=32, num_stages=2)  # fallback when a GPU has less shared memory
@@ -382,14 +400,26 @@ def tree_attention(
     prefix_bound = max(L - n_tree, 0)  # host-side upper bound on every prefix (no device sync)
     p_blocks = triton.cdiv(prefix_bound + n_tree, BLOCK_N)
     per_split = m_blocks * B * Hkv  # programs per split
-    if num_splits is None:
-        slots = cfg.get("waves", 1) * _num_sms(q.device)
-        want = slots // per_split if cfg.get("fill", "ceil") == "floor" else triton.cdiv(slots, per_split)
-        num_splits = min(want, triton.cdiv(p_blocks, cfg.get("min_tiles", 1)), 64)
-    # split-K programs per (row block, batch, kv head), the tree program included
-    num_splits = max(1, min(int(num_splits), max(p_blocks, 1)))
+    mode = cfg.get("tree_split", "none")
+    chunk = 0  # host-sized prefix chunk (legacy policy only)
+    if mode == "legacy":
+        pb = triton.cdiv(prefix_bound, BLOCK_N)  # prefix tiles of the host view
+        if num_splits is None:
+            want = triton.cdiv(int(cfg.get("waves", 2) * _num_sms(q.device)), per_split)
+            num_splits = max(1, min(want, triton.cdiv(pb, cfg.get("min_tiles", 4)), 64))
+        num_splits = max(1, min(int(num_splits), max(pb, 1)))
+        chunk = triton.cdiv(pb, num_splits) * BLOCK_N if pb else BLOCK_N
+        num_splits = max(1, triton.cdiv(prefix_bound, chunk)) if pb else 1
+        tree_split = 3
+    else:
+        if num_splits is None:
+            slots = cfg.get("waves", 1) * _num_sms(q.device)
+            want = slots // per_split if cfg.get("fill", "ceil") == "floor" else triton.cdiv(slots, per_split)
+            num_splits = min(want, triton.cdiv(p_blocks, cfg.get("min_tiles", 1)), 64)
+        # split-K programs per (row block, batch, kv head), the tree program included
+        num_splits = max(1, min(int(num_splits), max(p_blocks, 1)))
+        tree_split = {"none": 0, "first": 1, "last": 2}[mode] if num_splits > 2 else 0
     write_partial = num_splits > 1
-    tree_split = {"none": 0, "first": 1, "last": 2}[cfg.get("tree_split", "none")] if num_splits > 2 else 0
 
     R = B * n * Hq
     rows = min(BLOCK_M, n * G)  # real rows of one program
@@ -420,7 +450,7 @@ def tree_attention(
             opart, mpart, lpart, counters,
             scale * _LOG2E,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *packed_mask.stride(),
-            Hkv, n, n_tree, num_splits, R,
+            Hkv, n, n_tree, num_splits, R, chunk,
             G=G, HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
             TREE_SPLIT=tree_split, WRITE_PARTIAL=write_partial, FUSED=fused,
             RED_M=red_m, RED_S=red_s, PDL=pdl,
