@@ -53,37 +53,41 @@ DEV = "cuda"
 
 
 def candidates(bits: int, M: int) -> list[QuantConfig]:
-    """The sweep: CUDA-core GEMV tiles (M = 1) and tensor-core tiles, swapped (W @ x.T) or not.
-
-    int4 ``block_k`` <= the group (128) keeps one scale per tile row (scaled partial products);
-    larger tiles scale elementwise.
-    """
+    """The sweep: CUDA-core GEMV tiles (M = 1) and tensor-core tiles, swapped (W @ x.T) or not,
+    each with and without the register prefetch (and, int4 tensor-core, with the inline-PTX
+    dequantization). int4 ``block_k`` <= the group (128) keeps one scale per tile row."""
+    R = dataclasses.replace
     out = []
     if M == 1:
         if bits == 8:
-            raw = [(1, 1024, 1, 4), (2, 1024, 1, 4), (4, 512, 1, 4), (4, 1024, 1, 4), (8, 512, 1, 4), (8, 1024, 1, 8),
-                   (16, 256, 1, 4), (16, 512, 1, 4), (16, 512, 1, 8), (32, 256, 1, 4), (32, 128, 1, 4), (8, 512, 2, 4),
-                   (16, 512, 2, 4), (32, 256, 4, 4), (4, 2048, 1, 8), (2, 2048, 1, 8)]
+            raw = [(4, 1024, 1, 4, 3), (4, 1024, 1, 4, 4), (2, 2048, 1, 8, 3), (16, 512, 1, 8, 3), (8, 512, 1, 4, 3),
+                   (2, 1024, 1, 4, 3), (8, 1024, 1, 8, 3), (16, 256, 1, 4, 3), (32, 256, 4, 4, 3)]
         else:
-            raw = [(16, 128, 1, 4), (32, 128, 1, 4), (64, 128, 2, 4), (64, 128, 4, 4), (32, 128, 2, 4), (8, 128, 1, 4),
-                   (16, 256, 1, 4), (8, 512, 1, 4), (4, 1024, 1, 4), (16, 512, 1, 8), (32, 256, 2, 4), (8, 256, 1, 4),
-                   (4, 512, 1, 4), (2, 1024, 1, 4), (128, 128, 4, 8), (16, 128, 2, 4)]
-        out += [QuantConfig(gemv=True, block_n=bn, block_k=bk, split_k=sk, num_warps=w, num_stages=3) for bn, bk, sk, w in raw]
-        out += [dataclasses.replace(out[3], num_stages=1), dataclasses.replace(out[3], num_stages=4),
-                dataclasses.replace(out[3], evict_first=False), dataclasses.replace(out[3], magic=False)]
-        raw = [(64, 128, 1, 4, 4), (64, 128, 2, 4, 4), (128, 128, 1, 4, 3), (32, 128, 2, 4, 4), (128, 64, 2, 4, 4),
-               (32, 128, 4, 4, 4), (16, 128, 4, 4, 4), (64, 256, 1, 4, 3)]
-        out += [QuantConfig(gemv=False, block_m=16, block_n=bn, block_k=bk, split_k=sk, num_warps=w, num_stages=st, swap=True)
+            raw = [(64, 128, 4, 4, 3), (64, 128, 4, 4, 1), (2, 1024, 1, 4, 3), (32, 128, 2, 4, 3), (128, 128, 4, 8, 3),
+                   (4, 512, 1, 4, 3), (1, 2048, 1, 4, 3), (2, 2048, 1, 8, 3), (4, 1024, 1, 4, 3), (4, 1024, 1, 8, 3),
+                   (8, 512, 1, 4, 3), (8, 1024, 1, 8, 3), (16, 256, 1, 4, 3), (2, 1024, 2, 4, 3), (4, 512, 2, 4, 3),
+                   (1, 4096, 1, 8, 3)]
+        base = [QuantConfig(gemv=True, block_n=bn, block_k=bk, split_k=sk, num_warps=w, num_stages=st)
                 for bn, bk, sk, w, st in raw]
+        out += base + [R(c, prefetch=True) for c in base]
+        raw = [(64, 128, 1, 4, 4), (64, 128, 2, 4, 4), (128, 128, 1, 4, 3), (32, 128, 2, 4, 4), (32, 128, 4, 4, 4),
+               (16, 128, 4, 4, 4), (128, 128, 2, 8, 3), (64, 128, 4, 4, 4)]
+        base = [QuantConfig(gemv=False, block_m=16, block_n=bn, block_k=bk, split_k=sk, num_warps=w, num_stages=st,
+                            swap=True) for bn, bk, sk, w, st in raw]
+        out += base + [R(c, prefetch=True) for c in base]
+        if bits == 4:
+            out += [R(c, asm=True) for c in base] + [R(c, asm=True, prefetch=True) for c in base]
         return out
     bm = 16 if M <= 16 else 64
     raw = [(64, 128, 1, 4, 4, True), (64, 128, 2, 4, 4, True), (128, 128, 1, 4, 3, True), (128, 128, 2, 8, 3, True),
-           (32, 128, 2, 4, 4, True), (64, 64, 2, 4, 4, True), (128, 64, 1, 4, 4, True), (64, 256, 1, 4, 3, True),
-           (256, 64, 1, 8, 3, True), (128, 128, 4, 8, 3, True), (32, 128, 4, 4, 4, True),
-           (64, 128, 1, 4, 4, False), (64, 128, 2, 4, 4, False), (128, 128, 1, 8, 3, False), (32, 128, 4, 4, 4, False)]
-    out = [QuantConfig(gemv=False, block_m=bm, block_n=bn, block_k=bk, split_k=sk, num_warps=w, num_stages=st, swap=sw)
-           for bn, bk, sk, w, st, sw in raw]
-    return out + [dataclasses.replace(out[0], magic=False), dataclasses.replace(out[0], evict_first=False)]
+           (32, 128, 2, 4, 4, True), (128, 128, 4, 8, 3, True), (32, 128, 4, 4, 4, True),
+           (64, 128, 1, 4, 4, False), (64, 128, 2, 4, 4, False), (32, 128, 4, 4, 4, False), (32, 128, 2, 4, 4, False)]
+    base = [QuantConfig(gemv=False, block_m=bm, block_n=bn, block_k=bk, split_k=sk, num_warps=w, num_stages=st, swap=sw)
+            for bn, bk, sk, w, st, sw in raw]
+    out = base + [R(c, prefetch=True) for c in base]
+    if bits == 4:
+        out += [R(c, asm=True) for c in base] + [R(c, asm=True, prefetch=True) for c in base]
+    return out
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -241,14 +245,16 @@ def compile_check(args) -> int:
         sig = dict(x_ptr="*" + xdt, w_ptr="*i8" if bits == 8 else "*u8", s_ptr="*fp32", y_ptr="*" + xdt,
                    ws_ptr="*fp32", wsi_ptr="*i32", cnt_ptr="*i32")
         ce = dict(BITS=bits, GROUP=GROUP if bits == 4 else 1 << 30, BLOCK_N=cfg.block_n, BLOCK_KB=bkb, SPLIT=split,
-                  MAGIC=cfg.magic, EVICT=cfg.evict_first)
+                  MAGIC=cfg.magic, EVICT=cfg.evict_first, PREFETCH=cfg.prefetch)
+        if cfg.gemv:
+            ce["ACC_W"] = bkb // (GROUP // 2) if bits == 4 and bkb > GROUP // 2 else bkb
         if cfg.gemv:
             fn = qm._qgemv_kernel
             ints = ["N", "K", "KB", "kb_per_split", "stride_xm", "stride_wn", "stride_ym"]
         else:
             fn = qm._qgemm_kernel
             ints = ["M", "N", "K", "KB", "kb_per_split", "stride_xm", "stride_wn", "stride_ym"]
-            ce.update(BLOCK_M=cfg.block_m, FP32=xdt == "fp32", SWAP=cfg.swap)
+            ce.update(BLOCK_M=cfg.block_m, FP32=xdt == "fp32", SWAP=cfg.swap, ASM=cfg.asm and bits == 4 and xdt != "fp32")
         sig.update({k: "i32" for k in ints})
         sig.update({k: "constexpr" for k in ce})
         try:
@@ -399,6 +405,7 @@ def main() -> int:
                     except Exception as ex:
                         log(f"  skip {cfg} (timing): {type(ex).__name__}: {str(ex)[:120]}")
                         continue
+                    log_f.write(f"  t {name} M={M} w{bits} {t * 1e3:.2f} us {cfg}\n")
                     if cfg is dflt:
                         t_default = t
                     if best is None or t < best[0]:

@@ -98,11 +98,14 @@ def test_bad_arguments_raise_one_clear_error():
 
 # ------------------------------------------------------------------ Triton kernels vs reference
 GEMV = [QuantConfig(gemv=True, block_n=16, block_k=64), QuantConfig(gemv=True, block_n=32, block_k=32, split_k=3),
-        QuantConfig(gemv=True, block_n=4, block_k=128, split_k=2, evict_first=False)]  # int4: tile spans groups
+        QuantConfig(gemv=True, block_n=4, block_k=128, split_k=2, evict_first=False),  # int4: tile spans groups
+        QuantConfig(gemv=True, block_n=8, block_k=64, split_k=2, prefetch=True)]
 GEMM = [QuantConfig(gemv=False, block_m=16, block_n=32, block_k=32, split_k=2),  # int4: one group per tile
         QuantConfig(gemv=False, block_m=32, block_n=16, block_k=128),  # block_k 128 > group 32: per-element scales
         QuantConfig(gemv=False, block_m=16, block_n=32, block_k=32, split_k=3, swap=True),
-        QuantConfig(gemv=False, block_m=16, block_n=16, block_k=64, swap=True, evict_first=False)]
+        QuantConfig(gemv=False, block_m=16, block_n=16, block_k=64, swap=True, evict_first=False),
+        QuantConfig(gemv=False, block_m=16, block_n=32, block_k=32, split_k=2, swap=True, prefetch=True, asm=True)]
+# (asm=True runs the fp32-conversion path here: inline PTX needs a GPU; the GPU bench checks it)
 
 
 @pytest.mark.skipif(not INTERPRET, reason="Triton kernels run on CPU only under TRITON_INTERPRET=1 (scripts/test.sh)")

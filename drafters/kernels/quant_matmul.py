@@ -47,6 +47,7 @@ Error bound of both (round to nearest, no clipping since the absmax maps inside 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -172,7 +173,11 @@ class QuantConfig:
     weight tile is the MMA's left operand). ``block_k`` counts K elements per tile (int4: half as
     many bytes). ``split_k > 1`` splits K over programs, reduced in one launch (see the module
     docstring). ``evict_first`` marks weight loads as streaming so they do not push the
-    activations and scales out of L2.
+    activations and scales out of L2. ``prefetch`` keeps one weight tile in flight while the
+    previous one is reduced. ``asm`` (int4 tensor-core kernel, CUDA, fp16/bf16 activations)
+    widens 4 packed bytes to 8 16-bit values with 2 byte permutes, 4 logic ops and 4 packed
+    subtractions (the magic-number dequantization of Kim et al. 2022,
+    https://arxiv.org/abs/2211.10017, as Marlin uses it) instead of fp32 conversions.
     """
 
     gemv: bool
@@ -185,6 +190,8 @@ class QuantConfig:
     magic: bool = True  # int -> float through the exponent-bits trick (False: plain conversions)
     swap: bool = False
     evict_first: bool = True
+    prefetch: bool = False  # load the next weight tile before using the current one (register double buffer)
+    asm: bool = False  # tensor-core int4: nibbles -> packed bf16/fp16 pairs with inline PTX (GPU, 16-bit x only)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -201,28 +208,43 @@ def _sm_count(device: torch.device) -> int:
 
 def default_config(M: int, N: int, K: int, bits: int, group_size: int | None = None,
                    device: torch.device | None = None) -> QuantConfig:
-    """Heuristic tiles (from the sweep of ``benchmarks/bench_quant_kernels.py`` on an H200)."""
-    sms = _sm_count(device if device is not None else torch.device("cpu"))
+    """Heuristic tiles, read off the H200 sweep of ``benchmarks/bench_quant_kernels.py`` at the
+    Llama-3-8B linear shapes (see ``notes/issue4_quant_bench_h200.md``) and generalised by N, K:
+
+    * M <= 2, CUDA-core GEMV with no split: about 1000+ programs of a few rows each, each row read
+      in long (1-2 KB) runs -- every program resident at once keeps enough bytes in flight;
+    * M <= 16, tensor-core tiles of 32 output columns, split-K 4 (2 for wide N);
+    * M > 16: narrow tiles for square layers, swapped wide tiles for N >> K (gate/up) and for
+      K >> N (down, with split-K 4).
+    int4 tensor-core tiles use the inline-PTX dequantization on CUDA.
+    """
+    del device  # the heuristics are per shape; kept for API stability
     G = group_size if bits == 4 else 1 << 30
+    kp2 = 1 << max(4, (K - 1).bit_length())  # K rounded up to a power of two
     if M <= 2:
-        # memory-bound: every program resident at once (>= 2 per SM), ~8 KB of weights per iteration
-        bk = 512 if bits == 8 else min(256, G)
-        bn = 16
-        while bn > 1 and -(-N // bn) < 2 * sms:
-            bn //= 2
-        split = 1
-        while -(-N // bn) * split < 2 * sms and K // (split * 2) >= 2 * bk and split < 16:
-            split *= 2
-        return QuantConfig(gemv=True, block_n=bn, block_k=bk, split_k=split, num_warps=4, num_stages=3)
-    bm = 16 if M <= 16 else (32 if M <= 32 else 64)
+        lo = 2 if bits == 8 else 1
+        hi = 16 if bits == 8 else 8
+        bn = min(hi, max(lo, 1 << max(0, (N // 1024).bit_length() - 1)))
+        bk = min(2048, max(256, 4096 // bn), max(256, kp2))
+        if bits == 4:
+            bk = max(bk, G)  # whole groups per tile
+        warps = 8 if (bits == 8 and bk >= 2048) or (bits == 4 and bn * bk >= 8192) else 4
+        return QuantConfig(gemv=True, block_n=bn, block_k=bk, split_k=1, num_warps=warps, num_stages=3,
+                           prefetch=bits == 4 or bn >= 8)
     bk = 128 if bits == 8 else min(128, G)
-    bn = 64
-    progs = -(-M // bm) * -(-N // bn)
-    split = 1
-    while progs * split < 2 * sms and K // (split * 2) >= 2 * bk and split < 16:
-        split *= 2
-    return QuantConfig(gemv=False, block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=4, num_stages=4,
-                       swap=True)
+    asm = bits == 4
+    if M <= 16:
+        return QuantConfig(gemv=False, block_m=16, block_n=32, block_k=bk, split_k=4 if N <= 4096 else 2,
+                           num_warps=4, num_stages=4, asm=asm)
+    bm = 32 if M <= 32 else 64
+    if N <= 4096 and K <= 4096:
+        return QuantConfig(gemv=False, block_m=bm, block_n=32, block_k=bk, split_k=2 if N >= 4096 else 4,
+                           num_warps=4, num_stages=4, asm=asm)
+    if N >= K:
+        return QuantConfig(gemv=False, block_m=bm, block_n=64, block_k=bk, split_k=1, num_warps=4, num_stages=4,
+                           swap=True, prefetch=bits == 4, asm=asm)
+    return QuantConfig(gemv=False, block_m=bm, block_n=128, block_k=bk, split_k=4, num_warps=8, num_stages=3,
+                       swap=True, prefetch=bits == 4, asm=asm)
 
 
 # --------------------------------------------------------------------------- split-K workspace
@@ -276,6 +298,68 @@ if _HAS_TRITON:
             return q.to(tl.float32)
 
     @triton.jit
+    def _int4_pair_16(p, BF16: tl.constexpr):
+        """Packed bytes (uint8) -> (low, high) nibble values - 8 as bf16 (BF16) or fp16, 4 bytes per asm.
+
+        ``0x4300 | n`` is bf16 ``128 + n`` (``0x6400 | n`` is fp16 ``1024 + n``); one packed subtract of
+        ``136`` (``1032``) leaves ``n - 8`` exactly. ``prmt`` spreads bytes 0,1 (2,3) into the two
+        16-bit lanes, ``lop3`` does the mask and the OR in one instruction (LUT 0xEA = (a & b) | c).
+        """
+        if BF16:
+            res = tl.inline_asm_elementwise(
+                """
+                {
+                .reg .b32 t0, t1, k;
+                prmt.b32 t0, $4, 0, 0x4140;
+                prmt.b32 t1, $4, 0, 0x4342;
+                mov.b32 k, 0x43084308;
+                lop3.b32 $0, t0, 0x000F000F, 0x43004300, 0xEA;
+                lop3.b32 $1, t1, 0x000F000F, 0x43004300, 0xEA;
+                shr.u32 t0, t0, 4;
+                shr.u32 t1, t1, 4;
+                lop3.b32 $2, t0, 0x000F000F, 0x43004300, 0xEA;
+                lop3.b32 $3, t1, 0x000F000F, 0x43004300, 0xEA;
+                sub.rn.bf16x2 $0, $0, k;
+                sub.rn.bf16x2 $1, $1, k;
+                sub.rn.bf16x2 $2, $2, k;
+                sub.rn.bf16x2 $3, $3, k;
+                }
+                """,
+                "=r,=r,=r,=r,r", [p], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        else:
+            res = tl.inline_asm_elementwise(
+                """
+                {
+                .reg .b32 t0, t1, k;
+                prmt.b32 t0, $4, 0, 0x4140;
+                prmt.b32 t1, $4, 0, 0x4342;
+                mov.b32 k, 0x64086408;
+                lop3.b32 $0, t0, 0x000F000F, 0x64006400, 0xEA;
+                lop3.b32 $1, t1, 0x000F000F, 0x64006400, 0xEA;
+                shr.u32 t0, t0, 4;
+                shr.u32 t1, t1, 4;
+                lop3.b32 $2, t0, 0x000F000F, 0x64006400, 0xEA;
+                lop3.b32 $3, t1, 0x000F000F, 0x64006400, 0xEA;
+                sub.rn.f16x2 $0, $0, k;
+                sub.rn.f16x2 $1, $1, k;
+                sub.rn.f16x2 $2, $2, k;
+                sub.rn.f16x2 $3, $3, k;
+                }
+                """,
+                "=r,=r,=r,=r,r", [p], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        return res[0], res[1]
+
+    @triton.jit
+    def _load_w(w_ptr, offs_n, mask_n, offs_b, b_end, stride_wn, OTHER: tl.constexpr, EVICT: tl.constexpr):
+        """One weight tile ``[BN, BKB]`` (bytes ``offs_b`` of rows ``offs_n``); bytes >= b_end read as OTHER."""
+        ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_b[None, :]
+        mask = mask_n[:, None] & (offs_b < b_end)[None, :]
+        if EVICT:
+            return tl.load(ptrs, mask=mask, other=OTHER, eviction_policy="evict_first")
+        else:
+            return tl.load(ptrs, mask=mask, other=OTHER)
+
+    @triton.jit
     def _mma(a, b, acc, FP32: tl.constexpr):
         """``acc + a @ b`` on tensor cores; fp32 operands with IEEE products (tests, exactness)."""
         if FP32:
@@ -306,7 +390,7 @@ if _HAS_TRITON:
         stride_xm, stride_wn, stride_ym,
         BITS: tl.constexpr, GROUP: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, SPLIT: tl.constexpr, MAGIC: tl.constexpr,
-        EVICT: tl.constexpr,
+        EVICT: tl.constexpr, PREFETCH: tl.constexpr, ACC_W: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -315,19 +399,25 @@ if _HAS_TRITON:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
         mask_n = offs_n < N
         # 2-D fp32 accumulator: the cross-thread reduction happens once, after the K loop
-        acc2 = tl.zeros([BLOCK_N, BLOCK_KB], dtype=tl.float32)
+        # (int4 tiles spanning several groups keep one column per group: ACC_W = BLOCK_KB // HG)
+        acc2 = tl.zeros([BLOCK_N, ACC_W], dtype=tl.float32)
         x_row = x_ptr + m * stride_xm
         b_lo = pid_k * kb_per_split
+        b_end = tl.minimum(KB, b_lo + kb_per_split)  # this split's bytes: [b_lo, b_end)
+        OTHER: tl.constexpr = 0 if BITS == 8 else 0x88  # int4 padding nibbles 8 -> value 0
+        if PREFETCH:
+            p_next = _load_w(w_ptr, offs_n, mask_n, b_lo + tl.arange(0, BLOCK_KB), b_end, stride_wn, OTHER, EVICT)
+        else:
+            p_next = tl.zeros([BLOCK_N, BLOCK_KB], dtype=w_ptr.dtype.element_ty)
         for i in range(0, kb_per_split, BLOCK_KB):
             b0 = b_lo + i
             offs_b = b0 + tl.arange(0, BLOCK_KB)  # [BKB] byte columns
-            mb = offs_b < KB
-            wptrs = w_ptr + offs_n[:, None] * stride_wn + offs_b[None, :]
-            wmask = mask_n[:, None] & mb[None, :]
-            if EVICT:
-                p = tl.load(wptrs, mask=wmask, other=0 if BITS == 8 else 0x88, eviction_policy="evict_first")
+            wmask = mask_n[:, None] & (offs_b < b_end)[None, :]
+            if PREFETCH:
+                p = p_next
+                p_next = _load_w(w_ptr, offs_n, mask_n, offs_b + BLOCK_KB, b_end, stride_wn, OTHER, EVICT)
             else:
-                p = tl.load(wptrs, mask=wmask, other=0 if BITS == 8 else 0x88)  # [BN, BKB]
+                p = _load_w(w_ptr, offs_n, mask_n, offs_b, b_end, stride_wn, OTHER, EVICT)  # [BN, BKB]
             if BITS == 8:
                 xv = tl.load(x_row + offs_b, mask=offs_b < K, other=0.0).to(tl.float32)  # [BKB]
                 acc2 += _int8_value(p, MAGIC) * xv[None, :]
@@ -340,9 +430,12 @@ if _HAS_TRITON:
                 if BLOCK_KB <= HG:  # the tile lies in one group: one scale per row
                     s = tl.load(s_ptr + tl.minimum(b0 // HG, KB // HG - 1) * N + offs_n, mask=mask_n, other=0.0)  # tiles past KB (all-zero products): any finite scale
                     acc2 += prod * s[:, None]
-                else:  # several groups per tile: scale elementwise
-                    s = tl.load(s_ptr + (offs_b // HG)[None, :] * N + offs_n[:, None], mask=wmask, other=0.0)
-                    acc2 += prod * s
+                else:  # several groups per tile: sum each group's run, then one scale per (row, group)
+                    part = tl.sum(tl.reshape(prod, [BLOCK_N, ACC_W, HG]), axis=2)  # [BN, NG]
+                    g = b0 // HG + tl.arange(0, ACC_W)  # [NG] groups of this tile
+                    s = tl.load(s_ptr + g[None, :] * N + offs_n[:, None], mask=mask_n[:, None] & (g < KB // HG)[None, :],
+                                other=0.0)  # [BN, NG]
+                    acc2 += part * s
         acc = tl.sum(acc2, axis=1)  # [BN]
         if BITS == 8:
             acc *= tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
@@ -357,6 +450,7 @@ if _HAS_TRITON:
         BITS: tl.constexpr, GROUP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr,
         SPLIT: tl.constexpr, FP32: tl.constexpr, MAGIC: tl.constexpr, SWAP: tl.constexpr, EVICT: tl.constexpr,
+        PREFETCH: tl.constexpr, ASM: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -371,16 +465,21 @@ if _HAS_TRITON:
         else:
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         b_lo = pid_k * kb_per_split
+        b_end = tl.minimum(KB, b_lo + kb_per_split)
+        OTHER: tl.constexpr = 0 if BITS == 8 else 0x88
+        if PREFETCH:
+            p_next = _load_w(w_ptr, offs_n, mask_n, b_lo + tl.arange(0, BLOCK_KB), b_end, stride_wn, OTHER, EVICT)
+        else:
+            p_next = tl.zeros([BLOCK_N, BLOCK_KB], dtype=w_ptr.dtype.element_ty)
         for i in range(0, kb_per_split, BLOCK_KB):
             b0 = b_lo + i
             offs_b = b0 + tl.arange(0, BLOCK_KB)  # [BKB]
-            mb = offs_b < KB
-            wptrs = w_ptr + offs_n[:, None] * stride_wn + offs_b[None, :]
-            wmask = mask_n[:, None] & mb[None, :]
-            if EVICT:
-                p = tl.load(wptrs, mask=wmask, other=0 if BITS == 8 else 0x88, eviction_policy="evict_first")
+            wmask = mask_n[:, None] & (offs_b < b_end)[None, :]
+            if PREFETCH:
+                p = p_next
+                p_next = _load_w(w_ptr, offs_n, mask_n, offs_b + BLOCK_KB, b_end, stride_wn, OTHER, EVICT)
             else:
-                p = tl.load(wptrs, mask=wmask, other=0 if BITS == 8 else 0x88)  # [BN, BKB]
+                p = _load_w(w_ptr, offs_n, mask_n, offs_b, b_end, stride_wn, OTHER, EVICT)  # [BN, BKB]
             if BITS == 8:
                 xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_b[None, :],
                              mask=mask_m[:, None] & (offs_b[None, :] < K), other=0.0)  # [BM, BKB]
@@ -397,10 +496,13 @@ if _HAS_TRITON:
                 xp = x_ptr + offs_m[:, None] * stride_xm + e_lo[None, :]
                 xl = tl.load(xp, mask=mask_m[:, None] & (e_lo[None, :] < K), other=0.0)  # [BM, BKB]
                 xh = tl.load(xp + HG, mask=mask_m[:, None] & (e_lo[None, :] + HG < K), other=0.0)
-                lo, hi = _int4_pair(p, MAGIC)  # [BN, BKB] fp32
                 if BLOCK_KB <= HG:  # one group per tile: integer operands (exact), scale the partial product
-                    lo = lo.to(xl.dtype)
-                    hi = hi.to(xl.dtype)
+                    if ASM:
+                        lo, hi = _int4_pair_16(p, xl.dtype == tl.bfloat16)  # [BN, BKB] bf16 | fp16
+                    else:
+                        lo, hi = _int4_pair(p, MAGIC)  # [BN, BKB] fp32
+                        lo = lo.to(xl.dtype)
+                        hi = hi.to(xl.dtype)
                     s = tl.load(s_ptr + tl.minimum(b0 // HG, KB // HG - 1) * N + offs_n, mask=mask_n, other=0.0)  # tiles past KB (all-zero products): any finite scale  # [BN]
                     if SWAP:
                         part = _mma(lo, tl.trans(xl), tl.zeros_like(acc), FP32)
@@ -411,6 +513,7 @@ if _HAS_TRITON:
                         part = _mma(xh, tl.trans(hi), part, FP32)  # [BM, BN]
                         acc += part * s[None, :]
                 else:  # several groups per tile: dequantize elementwise, then one product
+                    lo, hi = _int4_pair(p, MAGIC)  # [BN, BKB] fp32
                     s = tl.load(s_ptr + (offs_b // HG)[None, :] * N + offs_n[:, None], mask=wmask, other=0.0)
                     lo = (lo * s).to(xl.dtype)
                     hi = (hi * s).to(xl.dtype)
@@ -457,6 +560,9 @@ def _launch(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, K: int, group
         grid = (triton.cdiv(N, cfg.block_n), split, M)
     else:
         grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), split)
+    # inline PTX needs a real GPU (not the interpreter) and 16-bit activations
+    use_asm = (cfg.asm and bits == 4 and x.is_cuda and x.dtype != torch.float32
+               and os.environ.get("TRITON_INTERPRET") != "1")
     if split > 1:
         ws, cnt = _split_workspace(x.device, M * N, grid[0] * grid[1] * (M if cfg.gemv else 1))
     else:
@@ -465,14 +571,15 @@ def _launch(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, K: int, group
         _qgemv_kernel[grid](
             x, qweight, scales, y, ws, ws.view(torch.int32) if split > 1 else ws, cnt, N, K, KB, kb_per_split, x.stride(0), qweight.stride(0), y.stride(0),
             BITS=bits, GROUP=G, BLOCK_N=cfg.block_n, BLOCK_KB=bkb, SPLIT=split, MAGIC=cfg.magic,
-            EVICT=cfg.evict_first, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            EVICT=cfg.evict_first, PREFETCH=cfg.prefetch, ACC_W=bkb // (G // 2) if bits == 4 and bkb > G // 2 else bkb,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:
         _qgemm_kernel[grid](
             x, qweight, scales, y, ws, ws.view(torch.int32) if split > 1 else ws, cnt, M, N, K, KB, kb_per_split, x.stride(0), qweight.stride(0), y.stride(0),
             BITS=bits, GROUP=G, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KB=bkb,
             SPLIT=split, FP32=x.dtype == torch.float32, MAGIC=cfg.magic, SWAP=cfg.swap, EVICT=cfg.evict_first,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            PREFETCH=cfg.prefetch, ASM=use_asm, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return y
 
