@@ -338,7 +338,8 @@ def tune(results, gen, ns, prefixes):
 
         def run(cfg=None, splits=None):
             """Median time per prefix (ms) or None when the config does not fit."""
-            oor = len(ta._OUT_OF_RESOURCES)
+            ta._OUT_OF_RESOURCES.clear()  # (a key recorded earlier, e.g. by the checks, would hide a fallback)
+            oor = 0
             ts = []
             for tree, sets, pl, L in points:
                 packed = tree.packed_ancestor_mask
@@ -378,7 +379,7 @@ def tune(results, gen, ns, prefixes):
         for cfg in stage2:
             ts = run(cfg)
             if ts is not None:
-                print(f"[tune] N={N} stage 2 {dict((k, cfg[k]) for k in ('combine', 'pdl', 'tree_split', 'waves', 'fill', 'min_tiles'))}: "
+                print(f"[tune] N={N} stage 2 { {k: cfg[k] for k in ('combine', 'pdl', 'tree_split', 'waves', 'fill', 'min_tiles')} }: "
                       f"{fmt(ts)}", flush=True)
                 if sum(ts) < sum(ts0):
                     ts0, cfg0 = ts, cfg
@@ -392,7 +393,7 @@ def tune(results, gen, ns, prefixes):
         print(f"[tune] N={N}: best {cfg0} {fmt(ts0)} us; default {ta.pick_config(N, HQ // HKV, D, torch.bfloat16)} "
               f"{fmt(ts_def)} us; prefix splits (us) " + ", ".join(f"{sp}:{fmt(t)}" for sp, t in split_log.items()), flush=True)
         results.setdefault("tune", {})[N] = dict(prefixes=prefixes, best=cfg0, best_ms=ts0, default_ms=ts_def, splits_ms=split_log)
-        del points
+        points = None  # free this N's K/V sets
     results["tune_log"] = log
     return best
 

@@ -15,14 +15,16 @@ Design (ideas from the literature, code written for this project):
 * Flash-Decoding (Dao, Haziza, Massa, Sizov, 2023,
   https://crfm.stanford.edu/2023/10/12/flashdecoding.html): with few queries (N = 1 decode, small
   trees) and batch 1 there are too few (batch, kv head, query block) programs to fill the GPU, so
-  the prefix is split into ``num_splits`` chunks processed in parallel; each writes an unnormalised
-  partial output plus its ``(m, l)`` and a second small kernel merges them (log-sum-exp rescale).
+  each row's keys are split into ``num_splits`` chunks processed in parallel; each writes an
+  unnormalised partial output plus its ``(m, l)``, merged by log-sum-exp rescale either in a second
+  small kernel or, fused, by the last-arriving split program (arrival counter, see the kernel).
 * SpecInfer tree attention (Miao et al., 2024, https://arxiv.org/abs/2305.09781): all tree nodes
   are verified in one pass with a topology-aware mask; here the mask is an ancestor bitset of
   ``ceil(N / 64)`` int64 words per query, so the tree part needs no dense ``[n, L]`` mask at all.
 
-The last split also handles the tree keys (at most 128 of them), whose slots start at the
-unaligned ``prefix_lens[b]``; everything else is a plain unmasked sweep over the prefix.
+The tree keys (at most 128, starting at the unaligned slot ``prefix_lens[b]``) are swept by a second
+loop with the bitset; every other key is a plain unmasked sweep over the prefix. Which split program
+gets which keys is the ``tree_split`` policy of :func:`pick_config`.
 """
 
 from __future__ import annotations
