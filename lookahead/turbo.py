@@ -16,7 +16,8 @@ and the subtree below it holds what followed. Each node keeps two frequencies:
   taken back when the request ends (:meth:`end`). A prompt helps its own request (and, while both
   run, the others of a batch) but does not accumulate across requests.
 
-A node's score is ``out + prompt_weight * inp``.
+A node's score is ``out + prompt_weight * inp`` (kept in ``x``, recomputed from the two counts
+at every change, so a loaded cache ranks bit for bit like the saved one).
 
 Updates are incremental: a request keeps one cursor per open window (at most ``max_match +
 branch_length``), and each committed token advances every cursor by one trie edge, so a token
@@ -27,6 +28,13 @@ evicts. Eviction scales every ``out`` by ``decay`` and removes the lowest-scorin
 older first) with their subtrees until at most ``evict_to * capacity`` remain. It is O(nodes) but
 runs once per ``(1 - evict_to) * capacity`` new nodes at most, so its amortised cost per token
 is O(window). The node count never exceeds ``capacity``.
+
+Query cost. A query's work is its best-first walk (about one heap step per draft node), plus the
+ranking of the children of the nodes it expands. A node keeps its ranked child list between
+queries; updates only queue the entries of children whose count rose, and the next query that
+expands the node merges them in (:meth:`TurboLookaheadCache._ranked`), so a wide node (a common
+token's continuations) is not re-scored child by child at every step. Measured figures (and what
+they are dominated by) are in ``notes/issue3.md``.
 """
 
 from __future__ import annotations
@@ -46,13 +54,23 @@ _FORMAT = "specdec.turbo_lookahead/1"
 
 
 class _Node:
-    __slots__ = ("children", "out", "inp", "uid")
+    __slots__ = ("children", "out", "inp", "x", "uid", "tok", "order", "pending")
 
-    def __init__(self, uid: int):
+    def __init__(self, uid: int, tok: int):
         self.children: dict[int, _Node] | None = None
         self.out = 0.0  # output-side frequency (decays)
         self.inp = 0  # prompt-side frequency of the requests in flight
+        self.x = 0.0  # score: always recomputed as out + prompt_weight * inp (never accumulated)
         self.uid = uid  # creation order: ties rank the newer node first
+        self.tok = tok
+        # the children ranked for queries (see TurboLookaheadCache._ranked): a list of
+        # (x, uid, child) best first, built by the first query that expands this node; entries
+        # whose x is no longer the child's are stale and skipped. Updates queue a fresh entry in
+        # ``pending`` (merged in at the next query, a near-linear sort) instead of re-ranking.
+        self.order: list[tuple] | None = None
+        self.pending: list[tuple] | None = None
+
+
 
 
 @dataclass
@@ -99,7 +117,7 @@ class TurboLookaheadCache:
         self.prompt_weight = prompt_weight
         self.evict_to = evict_to
         self.window = window
-        self._root = _Node(0)
+        self._root = _Node(0, -1)
         self._next_uid = 1
         self._count = 0
         self._epoch = 0
@@ -127,8 +145,7 @@ class TurboLookaheadCache:
         self._next_handle += 1
         s = _Stream(epoch=self._epoch)
         self._streams[h] = s
-        for t in prompt:
-            self._feed(s, int(t))
+        self._feed(s, prompt)
         s.prompt_side = False
         return h
 
@@ -136,16 +153,18 @@ class TurboLookaheadCache:
         """Index tokens committed for request ``handle`` (output-side)."""
         s = self._stream(handle)
         s.prompt_side = False
-        for t in tokens:
-            self._feed(s, int(t))
+        self._feed(s, tokens)
 
     def end(self, handle: int) -> None:
         """Finish a request: take back its prompt-side counts. Output-side counts stay."""
         s = self._streams.pop(handle, None)
         if s is None:
             raise KeyError(f"no request with handle {handle}")
-        for node in s.prompt_nodes:
+        pw = self.prompt_weight
+        for parent, node in s.prompt_nodes:
             node.inp -= 1
+            node.x = node.out + pw * node.inp
+            parent.order = parent.pending = None  # a score went down: rank again from scratch
 
     def warm_up(self, sequences: Iterable[Sequence[int]]) -> None:
         """Index a corpus of token sequences (e.g. earlier outputs) as output-side statistics."""
@@ -160,37 +179,60 @@ class TurboLookaheadCache:
             raise KeyError(f"no request with handle {handle}")
         return s
 
-    def _feed(self, s: _Stream, tok: int) -> None:
+    def _feed(self, s: _Stream, tokens: Iterable[int]) -> None:
+        """Advance every open window of ``s`` by each token (the hot update path: inlined)."""
         W = self.window
-        if self._count + W > self.capacity:
-            self._evict()
-        if s.epoch != self._epoch:
-            self._rewalk(s)
-        cursors = s.cursors
-        cursors.append(self._root)  # the window starting at this token
+        cap = self.capacity
+        pw = self.prompt_weight
+        root = self._root
         prompt_side = s.prompt_side
-        for j, node in enumerate(cursors):
-            if node is None:
-                continue
-            ch = node.children
-            if ch is None:
-                ch = node.children = {}
-            nxt = ch.get(tok)
-            if nxt is None:
-                nxt = ch[tok] = _Node(self._next_uid)
-                self._next_uid += 1
-                self._count += 1
-            if prompt_side:
-                nxt.inp += 1
-                s.prompt_nodes.append(nxt)
-            else:
-                nxt.out += 1.0
-            cursors[j] = nxt
-        if len(cursors) >= W:  # the oldest window is complete
-            del cursors[0]
-        s.tail.append(tok)
-        if len(s.tail) >= W:
-            del s.tail[0]
+        prompt_nodes = s.prompt_nodes
+        tail = s.tail
+        for tok in tokens:
+            tok = int(tok)
+            if self._count + W > cap:
+                self._evict()
+            if s.epoch != self._epoch:
+                self._rewalk(s)
+            cursors = s.cursors
+            cursors.append(root)  # the window starting at this token
+            uid = self._next_uid
+            for j, node in enumerate(cursors):
+                if node is None:
+                    continue
+                ch = node.children
+                if ch is None:
+                    ch = node.children = {}
+                    nxt = None
+                else:
+                    nxt = ch.get(tok)
+                if nxt is None:
+                    nxt = ch[tok] = _Node(uid, tok)
+                    uid += 1
+                if prompt_side:
+                    i = nxt.inp + 1
+                    nxt.inp = i
+                    x = nxt.x = nxt.out + pw * i
+                    prompt_nodes.append((node, nxt))
+                else:
+                    o = nxt.out + 1.0
+                    nxt.out = o
+                    x = nxt.x = o + pw * nxt.inp
+                if node.order is not None and (pw or not prompt_side):
+                    # the score rose (never fell), so the new entry outranks the child's old one
+                    pend = node.pending
+                    if pend is None:
+                        node.pending = [(x, nxt.uid, nxt)]
+                    else:
+                        pend.append((x, nxt.uid, nxt))
+                cursors[j] = nxt
+            self._count += uid - self._next_uid
+            self._next_uid = uid
+            if len(cursors) >= W:  # the oldest window is complete
+                del cursors[0]
+            tail.append(tok)
+            if len(tail) >= W:
+                del tail[0]
 
     def _rewalk(self, s: _Stream) -> None:
         """After an eviction the cursors may point at removed nodes: find them again from the
@@ -251,8 +293,10 @@ class TurboLookaheadCache:
                     del ch[tok]
                     continue
                 c.out *= decay
+                c.x = c.out + pw * c.inp
                 kept += 1
                 stack.append(c)
+            node.order = node.pending = None  # rebuilt on demand (children removed, scores decayed)
             if not ch:
                 node.children = None
         self._count = kept
@@ -296,30 +340,56 @@ class TurboLookaheadCache:
         Nodes rank by an estimate of the probability that the target reaches them: the product,
         along the path, of ``score(child) / (score(parent) + 1)`` (the +1 discounts contexts seen
         rarely), so the tree trades depth for breadth by expected acceptance (as EAGLE-2 ranks
-        by path confidence, https://arxiv.org/abs/2406.16858); ties go to the newer node. Of a
-        node's children only the ``remaining budget`` best are queued: the others could only be
-        reached after that many better siblings, which would spend the budget first (siblings
-        that merge into nodes already in the tree are the rare exception).
+        by path confidence, https://arxiv.org/abs/2406.16858); ties go to the newer node.
+
+        Of a node's children only the best ``room`` are queued, read off the node's ranked child
+        list (:meth:`_ranked`), with ``room`` = the budget left + the children that the tree
+        already holds under the same parent (a sibling that merges into one of those costs
+        nothing). Any other sibling could only be reached after ``room`` better ones, which would
+        spend the budget first, so the cut never changes the result and a proposal at budget k is
+        exactly the first k nodes of the proposal at any larger budget.
+
+        Per node the work is a few list operations: a child list is re-sorted only when it changed
+        since the last query, the best child continues without a round trip through the heap when
+        it beats every queued entry (``heappushpop``), and the first pass (an empty tree, where
+        nothing can merge) skips the merge index.
         """
-        pw = self.prompt_weight
         budget = builder.budget
-        toks, pars, index = builder.tokens, builder.parents, builder._index
-        heappush, heappop = heapq.heappush, heapq.heappop
-        norm = 1.0 / (start.out + pw * start.inp + 1.0)
-        heap = []
-        for t, c in start.children.items():
-            x = c.out + pw * c.inp
-            if x > 0:
-                heap.append((-x * norm, -c.uid, 1, t, -1, c, x))
-        if not heap:
+        toks, pars = builder.tokens, builder.parents
+        order = self._ranked(start)
+        if not order or order[0][0] <= 0:  # (the first entry is never stale after _ranked)
             return False
-        room = budget - len(toks)
-        if len(heap) > room:
-            heap = heapq.nsmallest(room, heap)
+        if not toks:
+            self._expand_fresh(builder, start, order)
+            return True
+        index = builder._index
+        if len(index) < len(toks):  # the previous pass was a fresh one: build its merge index now
+            index.update(zip(zip(pars, toks), range(len(toks))))
+            nk = builder.nkids
+            del nk[1:]
+            nk[0] = 0
+            nk.extend([0] * len(toks))
+            for q in pars:
+                nk[q + 1] += 1
+        nkids = builder.nkids
+        heappush, heappushpop = heapq.heappush, heapq.heappushpop
+        ranked = self._ranked
+        heap = []
+        norm = -1.0 / (start.x + 1.0)
+        room = budget - len(toks) + nkids[0]
+        for x, u, c in order:
+            if x != c.x:
+                continue  # stale entry
+            if x <= 0 or room <= 0:
+                break
+            room -= 1
+            heap.append((x * norm, -u, 1, -1, c))
         heapq.heapify(heap)
+        item = heapq.heappop(heap)
         cap = self.branch_length
-        while heap:
-            neg_p, _, depth, tok, parent, node, xn = heappop(heap)
+        while True:
+            neg_p, _, depth, parent, node = item
+            tok = node.tok
             key = (parent, tok)
             nid = index.get(key)
             if nid is None:
@@ -328,23 +398,131 @@ class TurboLookaheadCache:
                 nid = len(toks)
                 toks.append(tok)
                 pars.append(parent)
+                nkids.append(0)
+                nkids[parent + 1] += 1
                 index[key] = nid
+            best = None
             kids = node.children
-            if depth >= cap or not kids:
-                continue
-            d1 = depth + 1
-            f = neg_p / (xn + 1.0)
-            cand = []
-            for t2, c in kids.items():
-                x = c.out + pw * c.inp
-                if x > 0:
-                    cand.append((f * x, -c.uid, d1, t2, nid, c, x))
-            room = budget - len(toks)
-            if len(cand) > room:
-                cand = heapq.nsmallest(room, cand)
-            for e in cand:
-                heappush(heap, e)
+            room = budget - len(toks) + nkids[nid + 1]
+            if depth < cap and kids and room > 0:
+                d1 = depth + 1
+                f = neg_p / (node.x + 1.0)
+                if len(kids) == 1:  # most deep nodes: one continuation, no ranking to keep
+                    for c in kids.values():
+                        if c.x > 0:
+                            best = (f * c.x, -c.uid, d1, nid, c)
+                else:
+                    for x, u, c in ranked(node):
+                        if x != c.x:
+                            continue  # stale entry
+                        if x <= 0 or room <= 0:
+                            break
+                        room -= 1
+                        if best is None:
+                            best = (f * x, -u, d1, nid, c)
+                        else:
+                            heappush(heap, (f * x, -u, d1, nid, c))
+            if best is not None:
+                item = heappushpop(heap, best) if heap else best
+            elif heap:
+                item = heapq.heappop(heap)
+            else:
+                break
         return True
+
+    def _expand_fresh(self, builder: _Builder, start: _Node, order: list) -> None:
+        """:meth:`_expand` into an empty tree: no node can merge, so no merge index is kept (the
+        next pass builds it from the tree if it runs) and ``room`` is simply the budget left.
+        A node with one continuation whose path probability still beats every queued entry is
+        taken at once, without a heap entry (runs of single continuations are the common case
+        below the first levels)."""
+        budget = builder.budget
+        toks, pars = builder.tokens, builder.parents
+        tappend, pappend = toks.append, pars.append
+        heappush, heappushpop, heappop = heapq.heappush, heapq.heappushpop, heapq.heappop
+        ranked = self._ranked
+        norm = -1.0 / (start.x + 1.0)
+        heap = []
+        room = budget
+        for x, u, c in order:
+            if x != c.x:
+                continue  # stale entry
+            if x <= 0 or room <= 0:
+                break
+            room -= 1
+            heap.append((x * norm, -u, 1, -1, c))
+        heapq.heapify(heap)
+        neg_p, _, depth, parent, node = heappop(heap)
+        cap = self.branch_length
+        nid = len(toks)
+        while True:
+            tappend(node.tok)
+            pappend(parent)
+            room = budget - nid - 1
+            if room <= 0:
+                return
+            kids = node.children
+            if depth < cap and kids:
+                f = neg_p / (node.x + 1.0)
+                if len(kids) == 1:
+                    for c in kids.values():
+                        x = c.x
+                    if x > 0:
+                        neg_p = f * x
+                        if not heap or neg_p < heap[0][0]:  # still the best: take it now
+                            parent, node, depth = nid, c, depth + 1
+                            nid += 1
+                            continue
+                        neg_p, _, depth, parent, node = heappushpop(heap, (neg_p, -c.uid, depth + 1, nid, c))
+                        nid += 1
+                        continue
+                else:
+                    best = None
+                    d1 = depth + 1
+                    for x, u, c in ranked(node):
+                        if x != c.x:
+                            continue  # stale entry
+                        if x <= 0 or room <= 0:
+                            break
+                        room -= 1
+                        if best is None:
+                            best = (f * x, -u, d1, nid, c)
+                        else:
+                            heappush(heap, (f * x, -u, d1, nid, c))
+                    if best is not None:
+                        neg_p, _, depth, parent, node = heappushpop(heap, best) if heap else best
+                        nid += 1
+                        continue
+            if not heap:
+                return
+            neg_p, _, depth, parent, node = heappop(heap)
+            nid += 1
+
+    @staticmethod
+    def _ranked(node: _Node) -> list[tuple]:
+        """``node``'s children as ``(x, uid, child)`` entries, best first (higher score, then
+        newer); an entry whose ``x`` differs from ``child.x`` is stale (skip it).
+
+        Built on the first query that expands the node. Afterwards an update only queues the
+        child's new entry (scores only rise while requests run; a fall, at :meth:`end`, or an
+        eviction drops the list), and the next query merges the queue in with one sort of an
+        already sorted run plus a short tail: near-linear, in C, comparing floats, instead of
+        scoring every child of a wide node again. The list is rebuilt when stale entries would
+        make up more than half of it.
+        """
+        order = node.order
+        if order is None:
+            order = node.order = sorted([(c.x, c.uid, c) for c in node.children.values()], reverse=True) \
+                if node.children else []
+            node.pending = None
+        elif node.pending is not None:
+            order += node.pending
+            node.pending = None
+            if len(order) > 2 * len(node.children) + 8:
+                order = node.order = sorted([(c.x, c.uid, c) for c in node.children.values()], reverse=True)
+            else:
+                order.sort(reverse=True)
+        return order
 
     # ------------------------------------------------------------------ persistence
     def count_nodes(self) -> int:
@@ -395,8 +573,9 @@ class TurboLookaheadCache:
         cache = cls(**doc["knobs"])
         nodes = []
         for tok, par, out, uid in zip(doc["tokens"], doc["parents"], doc["out"], doc["uid"]):
-            node = _Node(uid)
+            node = _Node(uid, tok)
             node.out = out
+            node.x = out + cache.prompt_weight * node.inp
             parent = cache._root if par < 0 else nodes[par]
             if parent.children is None:
                 parent.children = {}
