@@ -110,25 +110,26 @@ def merge_proposals(proposals: list[Proposal], budget: int) -> Proposal:
     tokens: list[int] = []
     parents: list[int] = []
     index: dict[tuple[int, int], int] = {}
-    maps: list[list[int]] = [[] for _ in proposals]  # per proposal: its node -> merged node (-2: cut)
-    longest = max((len(p) for p in proposals), default=0)
+    # per proposal: (its tokens, its parents, its node -> merged node (-2: cut)); the root maps to
+    # -1 through the extra slot at the end of each map (a parent of -1 indexes it)
+    srcs = [(p.tokens, p.parents, [-2] * len(p.tokens) + [-1]) for p in proposals]
+    longest = max((len(p.tokens) for p in proposals), default=0)
     for r in range(longest):
-        for k, prop in enumerate(proposals):
-            if r >= len(prop.tokens):
+        for toks, pars, mp in srcs:
+            if r >= len(toks):
                 continue
-            par = prop.parents[r]
-            new_par = -1 if par < 0 else maps[k][par]
-            nid = -2
-            if new_par != -2:
-                key = (new_par, prop.tokens[r])
-                got = index.get(key)
-                if got is not None:
-                    nid = got
-                elif len(tokens) < budget:
-                    nid = index[key] = len(tokens)
-                    tokens.append(prop.tokens[r])
-                    parents.append(new_par)
-            maps[k].append(nid)
+            new_par = mp[pars[r]]
+            if new_par == -2:
+                continue  # parent cut: so is the node (mp[r] stays -2)
+            tok = toks[r]
+            key = (new_par, tok)
+            got = index.get(key)
+            if got is not None:
+                mp[r] = got
+            elif len(tokens) < budget:
+                mp[r] = index[key] = len(tokens)
+                tokens.append(tok)
+                parents.append(new_par)
     match = max((p.match_len for p in proposals), default=0)
     return Proposal(tokens, parents, match if tokens else 0)
 

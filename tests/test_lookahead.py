@@ -383,3 +383,34 @@ def test_turbo_ranked_lists_stay_exact_under_many_updates():
     t.end(h)
     got, want = t.query([1], 10), oracle_turbo(t, [1], 10)  # prompt-side counts gone: lists rebuilt
     assert (got.tokens, got.parents) == (want.tokens, want.parents)
+
+
+def _merge_oracle(proposals, budget):
+    """Rank-by-rank interleave, written plainly: merged node of (proposal k, node i) by its path."""
+    b = _Builder(budget)
+    ids = [dict() for _ in proposals]  # per proposal: node -> merged node (absent: cut)
+    for r in range(max((len(p) for p in proposals), default=0)):
+        for k, p in enumerate(proposals):
+            if r >= len(p):
+                continue
+            par = p.parents[r]
+            if par >= 0 and par not in ids[k]:
+                continue
+            nid = b.add(-1 if par < 0 else ids[k][par], p.tokens[r])
+            if nid is not None:
+                ids[k][r] = nid
+    return b.tokens, b.parents
+
+
+def test_merge_matches_plain_oracle_on_random_proposals():
+    rng = random.Random(7)
+    for _ in range(300):
+        props = []
+        for _ in range(rng.randrange(1, 4)):
+            n = rng.randrange(0, 12)
+            parents = [rng.randrange(-1, i) for i in range(n)]
+            props.append(Proposal([rng.randrange(3) for _ in range(n)], parents, rng.randrange(0, 4)))
+        for budget in (0, 1, 4, 9, 40):
+            m = merge_proposals(props, budget)
+            assert (m.tokens, m.parents) == _merge_oracle(props, budget)
+            assert len(m) <= budget and all(p < i for i, p in enumerate(m.parents))
