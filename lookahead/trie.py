@@ -68,14 +68,13 @@ class Proposal:
 class _Builder:
     """Accumulates draft nodes under a budget, merging a (parent, token) pair seen twice."""
 
-    __slots__ = ("budget", "tokens", "parents", "_index", "nkids")
+    __slots__ = ("budget", "tokens", "parents", "_index")
 
     def __init__(self, budget: int):
         self.budget = budget
         self.tokens: list[int] = []
         self.parents: list[int] = []
         self._index: dict[tuple[int, int], int] = {}
-        self.nkids: list[int] = [0]  # nkids[i + 1]: children of node i in the tree (nkids[0]: of the root)
 
     @property
     def full(self) -> bool:
@@ -92,8 +91,6 @@ class _Builder:
         nid = len(self.tokens)
         self.tokens.append(token)
         self.parents.append(parent)
-        self.nkids.append(0)
-        self.nkids[parent + 1] += 1
         self._index[key] = nid
         return nid
 

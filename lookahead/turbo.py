@@ -340,163 +340,92 @@ class TurboLookaheadCache:
         Nodes rank by an estimate of the probability that the target reaches them: the product,
         along the path, of ``score(child) / (score(parent) + 1)`` (the +1 discounts contexts seen
         rarely), so the tree trades depth for breadth by expected acceptance (as EAGLE-2 ranks
-        by path confidence, https://arxiv.org/abs/2406.16858); ties go to the newer node.
+        by path confidence, https://arxiv.org/abs/2406.16858); ties go to the newer node. A node
+        that is already in the tree (from a longer suffix's pass) is merged and costs nothing; the
+        pass ends when a new node finds the budget spent.
 
-        Of a node's children only the best ``room`` are queued, read off the node's ranked child
-        list (:meth:`_ranked`), with ``room`` = the budget left + the children that the tree
-        already holds under the same parent (a sibling that merges into one of those costs
-        nothing). Any other sibling could only be reached after ``room`` better ones, which would
-        spend the budget first, so the cut never changes the result and a proposal at budget k is
-        exactly the first k nodes of the proposal at any larger budget.
-
-        Per node the work is a few list operations: a child list is re-sorted only when it changed
-        since the last query, the best child continues without a round trip through the heap when
-        it beats every queued entry (``heappushpop``), and the first pass (an empty tree, where
-        nothing can merge) skips the merge index.
+        Siblings are enumerated lazily (as in k-best enumeration): a node's children share one
+        factor, so their order is the node's ranked child list (:meth:`_ranked`), and only the
+        best child enters the heap; popping an entry queues its next sibling. The heap never holds
+        more than one entry per expanded node, and the pop order (hence the tree) is the same as
+        queueing every child at once. So a proposal at budget k is exactly the first k nodes of the
+        proposal at any larger budget. A child that beats every queued entry is taken at once,
+        without a round trip through the heap (``heappushpop``), and the first pass (an empty
+        tree, where nothing can merge) skips the merge index.
         """
-        budget = builder.budget
-        toks, pars = builder.tokens, builder.parents
         order = self._ranked(start)
         if not order or order[0][0] <= 0:  # (the first entry is never stale after _ranked)
             return False
+        toks, pars = builder.tokens, builder.parents
         if not toks:
-            self._expand_fresh(builder, start, order)
+            self._walk(builder, start, order, None)
             return True
         index = builder._index
         if len(index) < len(toks):  # the previous pass was a fresh one: build its merge index now
             index.update(zip(zip(pars, toks), range(len(toks))))
-            nk = builder.nkids
-            del nk[1:]
-            nk[0] = 0
-            nk.extend([0] * len(toks))
-            for q in pars:
-                nk[q + 1] += 1
-        nkids = builder.nkids
-        heappush, heappushpop = heapq.heappush, heapq.heappushpop
-        ranked = self._ranked
-        heap = []
-        norm = -1.0 / (start.x + 1.0)
-        room = budget - len(toks) + nkids[0]
-        for x, u, c in order:
-            if x != c.x:
-                continue  # stale entry
-            if x <= 0 or room <= 0:
-                break
-            room -= 1
-            heap.append((x * norm, -u, 1, -1, c))
-        heapq.heapify(heap)
-        item = heapq.heappop(heap)
-        cap = self.branch_length
-        while True:
-            neg_p, _, depth, parent, node = item
-            tok = node.tok
-            key = (parent, tok)
-            nid = index.get(key)
-            if nid is None:
-                if len(toks) >= budget:
-                    break
-                nid = len(toks)
-                toks.append(tok)
-                pars.append(parent)
-                nkids.append(0)
-                nkids[parent + 1] += 1
-                index[key] = nid
-            best = None
-            kids = node.children
-            room = budget - len(toks) + nkids[nid + 1]
-            if depth < cap and kids and room > 0:
-                d1 = depth + 1
-                f = neg_p / (node.x + 1.0)
-                if len(kids) == 1:  # most deep nodes: one continuation, no ranking to keep
-                    for c in kids.values():
-                        if c.x > 0:
-                            best = (f * c.x, -c.uid, d1, nid, c)
-                else:
-                    for x, u, c in ranked(node):
-                        if x != c.x:
-                            continue  # stale entry
-                        if x <= 0 or room <= 0:
-                            break
-                        room -= 1
-                        if best is None:
-                            best = (f * x, -u, d1, nid, c)
-                        else:
-                            heappush(heap, (f * x, -u, d1, nid, c))
-            if best is not None:
-                item = heappushpop(heap, best) if heap else best
-            elif heap:
-                item = heapq.heappop(heap)
-            else:
-                break
+        self._walk(builder, start, order, index)
         return True
 
-    def _expand_fresh(self, builder: _Builder, start: _Node, order: list) -> None:
-        """:meth:`_expand` into an empty tree: no node can merge, so no merge index is kept (the
-        next pass builds it from the tree if it runs) and ``room`` is simply the budget left.
-        A node with one continuation whose path probability still beats every queued entry is
-        taken at once, without a heap entry (runs of single continuations are the common case
-        below the first levels)."""
+    def _walk(self, builder: _Builder, start: _Node, order: list, index: dict | None) -> None:
+        """The best-first walk of :meth:`_expand`; ``index`` is the tree's merge index, or None
+        for a walk into an empty tree (no node can merge there)."""
         budget = builder.budget
         toks, pars = builder.tokens, builder.parents
-        tappend, pappend = toks.append, pars.append
         heappush, heappushpop, heappop = heapq.heappush, heapq.heappushpop, heapq.heappop
         ranked = self._ranked
-        norm = -1.0 / (start.x + 1.0)
-        heap = []
-        room = budget
-        for x, u, c in order:
-            if x != c.x:
-                continue  # stale entry
-            if x <= 0 or room <= 0:
-                break
-            room -= 1
-            heap.append((x * norm, -u, 1, -1, c))
-        heapq.heapify(heap)
-        neg_p, _, depth, parent, node = heappop(heap)
         cap = self.branch_length
+        # entries: (-p, -uid, depth, parent id in the tree, node, sibling factor, siblings, position)
+        f = -1.0 / (start.x + 1.0)
+        x, u, c = order[0]
+        heap = []
+        item = (x * f, -u, 1, -1, c, f, order, 0)
         nid = len(toks)
         while True:
-            tappend(node.tok)
-            pappend(parent)
-            room = budget - nid - 1
-            if room <= 0:
-                return
+            neg_p, _, depth, parent, node, f, sib, j = item
+            if sib is not None:  # queue the next sibling (skipping stale entries)
+                for j in range(j + 1, len(sib)):
+                    x, u, c = sib[j]
+                    if x == c.x:
+                        if x > 0:
+                            heappush(heap, (f * x, -u, depth, parent, c, f, sib, j))
+                        break
+            if index is None:
+                nid = len(toks)
+                if nid >= budget:
+                    return
+                toks.append(node.tok)
+                pars.append(parent)
+            else:
+                key = (parent, node.tok)
+                nid = index.get(key)
+                if nid is None:
+                    nid = len(toks)
+                    if nid >= budget:
+                        return
+                    toks.append(node.tok)
+                    pars.append(parent)
+                    index[key] = nid
             kids = node.children
             if depth < cap and kids:
                 f = neg_p / (node.x + 1.0)
-                if len(kids) == 1:
+                item = None
+                if len(kids) == 1:  # most deep nodes: one continuation
                     for c in kids.values():
                         x = c.x
-                    if x > 0:
-                        neg_p = f * x
-                        if not heap or neg_p < heap[0][0]:  # still the best: take it now
-                            parent, node, depth = nid, c, depth + 1
-                            nid += 1
-                            continue
-                        neg_p, _, depth, parent, node = heappushpop(heap, (neg_p, -c.uid, depth + 1, nid, c))
-                        nid += 1
-                        continue
+                        if x > 0:
+                            item = (f * x, -c.uid, depth + 1, nid, c, f, None, 0)
                 else:
-                    best = None
-                    d1 = depth + 1
-                    for x, u, c in ranked(node):
-                        if x != c.x:
-                            continue  # stale entry
-                        if x <= 0 or room <= 0:
-                            break
-                        room -= 1
-                        if best is None:
-                            best = (f * x, -u, d1, nid, c)
-                        else:
-                            heappush(heap, (f * x, -u, d1, nid, c))
-                    if best is not None:
-                        neg_p, _, depth, parent, node = heappushpop(heap, best) if heap else best
-                        nid += 1
-                        continue
+                    sib = ranked(node)
+                    x, u, c = sib[0]
+                    if x > 0:
+                        item = (f * x, -u, depth + 1, nid, c, f, sib, 0)
+                if item is not None:
+                    if heap:
+                        item = heappushpop(heap, item)
+                    continue
             if not heap:
                 return
-            neg_p, _, depth, parent, node = heappop(heap)
-            nid += 1
+            item = heappop(heap)
 
     @staticmethod
     def _ranked(node: _Node) -> list[tuple]:

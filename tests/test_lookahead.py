@@ -328,7 +328,7 @@ def oracle_turbo(cache: TurboLookaheadCache, context, budget) -> Proposal:
 @pytest.mark.parametrize("seed,capacity,prompt_weight", [(0, 5000, 1.0), (1, 400, 1.0), (2, 400, 0.0), (3, 2000, 2.5)])
 def test_turbo_matches_plain_oracle_and_prefix_property(seed, capacity, prompt_weight):
     """Interleaved requests (prompt-side counts come and go), evictions, queries after every update:
-    the optimised retrieval (ranked child lists kept across updates, pruned queues, chain fast
+    the optimised retrieval (ranked child lists kept across updates, lazy sibling queues, fast
     path) gives exactly the oracle's tree, and a proposal at budget k is the first k nodes of the
     proposal at a larger budget (what makes ranked proposals safe to cut and to merge)."""
     rng = random.Random(seed)
