@@ -82,6 +82,10 @@ def candidates(bits: int, M: int) -> list[QuantConfig]:
     raw = [(64, 128, 1, 4, 4, True), (64, 128, 2, 4, 4, True), (128, 128, 1, 4, 3, True), (128, 128, 2, 8, 3, True),
            (32, 128, 2, 4, 4, True), (128, 128, 4, 8, 3, True), (32, 128, 4, 4, 4, True),
            (64, 128, 1, 4, 4, False), (64, 128, 2, 4, 4, False), (32, 128, 4, 4, 4, False), (32, 128, 2, 4, 4, False)]
+    if M > 16:  # wider weight tiles: fewer re-reads of the [M, K] activations
+        raw += [(128, 128, 8, 8, 3, True), (128, 64, 8, 4, 4, True), (256, 64, 4, 8, 3, True), (256, 64, 8, 8, 3, True),
+                (128, 128, 8, 8, 3, False), (128, 64, 4, 4, 4, False), (128, 64, 8, 4, 4, False), (64, 64, 4, 4, 4, False),
+                (64, 128, 4, 4, 4, False), (128, 128, 4, 8, 3, False), (256, 64, 8, 8, 3, False)]
     base = [QuantConfig(gemv=False, block_m=bm, block_n=bn, block_k=bk, split_k=sk, num_warps=w, num_stages=st, swap=sw)
             for bn, bk, sk, w, st, sw in raw]
     out = base + [R(c, prefetch=True) for c in base]
@@ -317,8 +321,10 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=12, help="processes that pre-compile the kernels (0: none)")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run under TRITON_INTERPRET=1 (tiny shapes)")
     ap.add_argument("--compile-check", action="store_true", help="compile all variants offline for sm_90, no GPU")
+    ap.add_argument("--ms", default="1,16,64", help="comma-separated M values to time (default 1,16,64)")
     args = ap.parse_args()
     global DEV, SHAPES, MS
+    MS = tuple(int(m) for m in args.ms.split(","))
     if args.compile_check:
         return compile_check(args)
     if args.smoke:

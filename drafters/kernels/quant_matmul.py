@@ -243,8 +243,8 @@ def default_config(M: int, N: int, K: int, bits: int, group_size: int | None = N
     if N >= K:
         return QuantConfig(gemv=False, block_m=bm, block_n=64, block_k=bk, split_k=1, num_warps=4, num_stages=4,
                            swap=True, prefetch=bits == 4, asm=asm)
-    return QuantConfig(gemv=False, block_m=bm, block_n=128, block_k=bk, split_k=4, num_warps=8, num_stages=3,
-                       swap=True, prefetch=bits == 4, asm=asm)
+    return QuantConfig(gemv=False, block_m=bm, block_n=128, block_k=bk, split_k=8 if bits == 4 else 4, num_warps=8,
+                       num_stages=3, swap=True, prefetch=bits == 4, asm=asm)
 
 
 # --------------------------------------------------------------------------- split-K workspace
