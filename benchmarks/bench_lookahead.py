@@ -39,6 +39,8 @@ Usage::
     python benchmarks/bench_lookahead.py dump-prompts DIR           # prompt files for an offline box
     python benchmarks/bench_lookahead.py run --prompt-dir DIR --gguf FILE --device cuda   # -> $OUT or results/
     python benchmarks/bench_lookahead.py replay --reference results/bench_lookahead_reference.json
+    python benchmarks/bench_lookahead.py bounds --reference ... --budget 16   # what retrieval could reach
+    python benchmarks/bench_lookahead.py run --extend-warm REF --warm-prompts 80 --warm-batch 16 --out REF2
 """
 
 from __future__ import annotations
@@ -427,6 +429,68 @@ def capacity_run(doc: dict, n_requests: int, capacity: int, seed: int = 0, pertu
             "wall_s": time.perf_counter() - t0, "within_capacity": worst <= capacity, "perturb": perturb}
 
 
+def bounds(doc: dict, budget: int, unlimited: int = 1 << 20) -> dict:
+    """How far can retrieval go with what the caches know? Per evaluation position i (context =
+    prompt + output[:i], caches updated token by token), the draft tokens the target would
+    accept from: Raw at ``budget``; warm Turbo at ``budget``; warm Turbo with no budget (every
+    continuation of every suffix match, ``unlimited`` nodes); the better of Raw and warm Turbo at
+    that position. Each is then walked as decoding does (from i, commit accepted + 1) and summed
+    over the set. The unlimited figure bounds any ranking of the Turbo trie's knowledge; the
+    per-position best of the two bounds what Turbo could gain by using the request's own context
+    the way Raw does."""
+    from lookahead.raw import RawLookaheadCache
+    from lookahead.turbo import TurboLookaheadCache
+
+    def accepted(prop, out, i):
+        kids = {(p, t): j for j, (t, p) in enumerate(zip(prop.tokens, prop.parents))}
+        node, k = -1, 0
+        while i + k < len(out):
+            nxt = kids.get((node, out[i + k]))
+            if nxt is None:
+                break
+            node, k = nxt, k + 1
+        return k
+
+    def walk(acc, n):
+        i, total = 1, 0
+        while i < n:
+            total += min(acc[i], n - 1 - i)  # the last token of an output is its final bonus
+            i += acc[i] + 1
+        return total
+
+    rows = {}
+    for name, s in doc["sets"].items():
+        warm = TurboLookaheadCache()
+        for q in s["warm"]:
+            feed(warm, q)
+        tot = {"raw": 0, "turbo_warm": 0, "turbo_warm_unlimited": 0, "best_of_raw_and_turbo_warm": 0}
+        for q in s["eval"]:
+            out = q["output"]
+            raw = RawLookaheadCache()
+            raw.extend(q["prompt"] + out[:1])
+            h = warm.begin(q["prompt"])
+            warm.extend(h, out[:1])
+            a_raw, a_tw, a_unl = [0] * len(out), [0] * len(out), [0] * len(out)
+            for i in range(1, len(out)):
+                ctx = (q["prompt"] + out[:i])[-warm.max_match :]
+                a_raw[i] = accepted(raw.query(budget), out, i)
+                a_tw[i] = accepted(warm.query(ctx, budget), out, i)
+                a_unl[i] = accepted(warm.query(ctx, unlimited), out, i)
+                raw.extend(out[i : i + 1])
+                warm.extend(h, out[i : i + 1])
+            warm.end(h)
+            tot["raw"] += walk(a_raw, len(out))
+            tot["turbo_warm"] += walk(a_tw, len(out))
+            tot["turbo_warm_unlimited"] += walk(a_unl, len(out))
+            tot["best_of_raw_and_turbo_warm"] += walk([max(a, b) for a, b in zip(a_raw, a_tw)], len(out))
+        rows[name] = tot
+    rows["all"] = {k: sum(r[k] for r in rows.values()) for k in next(iter(rows.values()))}
+    print(f"\ncommitted draft tokens (and / Raw at budget {budget}), warm split as in the reference:")
+    for name, r in rows.items():
+        print(f"  {name:10s} " + "  ".join(f"{k} {v} ({v / max(r['raw'], 1):.3f}x)" for k, v in r.items()))
+    return rows
+
+
 def print_table(results: dict, budget: int) -> None:
     print(f"\nbudget {budget} draft nodes (pld: 10-token chain)")
     print(f"{'set':10s} {'method':11s} {'tau':>6s} {'alpha':>6s} {'drafted':>8s} {'accepted':>8s} {'steps':>6s} {'new':>6s}")
@@ -487,7 +551,7 @@ def run_replay(doc: dict, args) -> dict:
 # ---------------------------------------------------------------------------- CLI
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=("all", "run", "replay", "crosscheck", "dump-prompts"))
+    ap.add_argument("mode", choices=("all", "run", "replay", "crosscheck", "dump-prompts", "bounds"))
     ap.add_argument("dir", nargs="?", help="dump-prompts: output folder")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--gguf", default=None, help="load the target from this GGUF file instead")
@@ -520,6 +584,10 @@ def main(argv=None):
                 for r in recs:
                     f.write(json.dumps({"question_id": r.question_id, "category": r.category, "turns": r.turns}) + "\n")
         print(f"wrote {len(args.sets)} sets to {d}")
+        return
+    if args.mode == "bounds":
+        doc = json.loads(Path(args.reference).read_text())
+        bounds(doc, args.budget)
         return
     if args.mode in ("all", "run", "crosscheck"):
         doc = run_reference(args)
