@@ -269,8 +269,26 @@ def _split_workspace(device: torch.device, numel: int, tiles: int) -> tuple[Tens
     return ws
 
 
+def _int4_to_16bit_ptx(magic: int, fmt: str) -> str:
+    """PTX for 4 packed int4 bytes ($4) -> 4 low-nibble values ($0, $1) and 4 high ones ($2, $3), each
+    register a pair of 16-bit floats ``n - 8``: ``magic | n`` is the float ``magic_value + n``, minus
+    ``magic_value + 8`` (one packed subtract). ``fmt`` is ``bf16x2`` or ``f16x2``."""
+    m2 = f"0x{magic:04X}{magic:04X}"
+    k2 = f"0x{magic + 8:04X}{magic + 8:04X}"
+    lines = ["{", ".reg .b32 t0, t1, k;", "prmt.b32 t0, $4, 0, 0x4140;", "prmt.b32 t1, $4, 0, 0x4342;", f"mov.b32 k, {k2};",
+             f"lop3.b32 $0, t0, 0x000F000F, {m2}, 0xEA;", f"lop3.b32 $1, t1, 0x000F000F, {m2}, 0xEA;",
+             "shr.u32 t0, t0, 4;", "shr.u32 t1, t1, 4;",
+             f"lop3.b32 $2, t0, 0x000F000F, {m2}, 0xEA;", f"lop3.b32 $3, t1, 0x000F000F, {m2}, 0xEA;"]
+    lines += [f"sub.rn.{fmt} ${r}, ${r}, k;" for r in range(4)] + ["}"]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- Triton kernels
 if _HAS_TRITON:
+
+    _PTX_INT4_BF16 = tl.constexpr(_int4_to_16bit_ptx(0x4300, "bf16x2"))  # bf16 0x4300 = 128
+    _PTX_INT4_F16 = tl.constexpr(_int4_to_16bit_ptx(0x6400, "f16x2"))  # fp16 0x6400 = 1024
+
 
     @triton.jit
     def _int4_pair(p, MAGIC: tl.constexpr):
@@ -306,47 +324,11 @@ if _HAS_TRITON:
         16-bit lanes, ``lop3`` does the mask and the OR in one instruction (LUT 0xEA = (a & b) | c).
         """
         if BF16:
-            res = tl.inline_asm_elementwise(
-                """
-                {
-                .reg .b32 t0, t1, k;
-                prmt.b32 t0, $4, 0, 0x4140;
-                prmt.b32 t1, $4, 0, 0x4342;
-                mov.b32 k, 0x43084308;
-                lop3.b32 $0, t0, 0x000F000F, 0x43004300, 0xEA;
-                lop3.b32 $1, t1, 0x000F000F, 0x43004300, 0xEA;
-                shr.u32 t0, t0, 4;
-                shr.u32 t1, t1, 4;
-                lop3.b32 $2, t0, 0x000F000F, 0x43004300, 0xEA;
-                lop3.b32 $3, t1, 0x000F000F, 0x43004300, 0xEA;
-                sub.rn.bf16x2 $0, $0, k;
-                sub.rn.bf16x2 $1, $1, k;
-                sub.rn.bf16x2 $2, $2, k;
-                sub.rn.bf16x2 $3, $3, k;
-                }
-                """,
-                "=r,=r,=r,=r,r", [p], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+            res = tl.inline_asm_elementwise(_PTX_INT4_BF16, "=r,=r,=r,=r,r", [p], dtype=(tl.bfloat16, tl.bfloat16),
+                                            is_pure=True, pack=4)
         else:
-            res = tl.inline_asm_elementwise(
-                """
-                {
-                .reg .b32 t0, t1, k;
-                prmt.b32 t0, $4, 0, 0x4140;
-                prmt.b32 t1, $4, 0, 0x4342;
-                mov.b32 k, 0x64086408;
-                lop3.b32 $0, t0, 0x000F000F, 0x64006400, 0xEA;
-                lop3.b32 $1, t1, 0x000F000F, 0x64006400, 0xEA;
-                shr.u32 t0, t0, 4;
-                shr.u32 t1, t1, 4;
-                lop3.b32 $2, t0, 0x000F000F, 0x64006400, 0xEA;
-                lop3.b32 $3, t1, 0x000F000F, 0x64006400, 0xEA;
-                sub.rn.f16x2 $0, $0, k;
-                sub.rn.f16x2 $1, $1, k;
-                sub.rn.f16x2 $2, $2, k;
-                sub.rn.f16x2 $3, $3, k;
-                }
-                """,
-                "=r,=r,=r,=r,r", [p], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+            res = tl.inline_asm_elementwise(_PTX_INT4_F16, "=r,=r,=r,=r,r", [p], dtype=(tl.float16, tl.float16),
+                                            is_pure=True, pack=4)
         return res[0], res[1]
 
     @triton.jit
