@@ -11,6 +11,14 @@ The draft keeps its own :class:`~specdec.StaticTreeCache`. Each ``propose``:
   2. expand: ``depth - 1`` more forwards, one per tree level, each over that level's frontier with
      the tree mask, writing to scratch slots that the next catch-up overwrites.
 
+CUDA graphs (``cuda_graphs``, default on when the draft model is on CUDA; :mod:`specdec.draft_graphs`):
+with a greedy target, a propose whose catch-up chain is at most ``depth + 1`` tokens long (every
+step after the first) is ONE graph replay per chain length ``n``: catch-up forward + the
+``depth - 1`` level forwards + the tree growing, all over a fixed view of every draft-cache slot
+(masked on the device). The draft cache then has ``max_len`` rounded up to 512 and is kept across
+``generate`` calls that fit, so the graphs are reused; a new cache drops them. Sampling targets and
+the first catch-up (the whole prompt) run the eager path.
+
 Greedy target: children are the draft's top-``branching`` tokens and the frontier keeps the
 ``width`` most probable paths. Sampling target: children are drawn from the draft distribution
 without replacement (Gumbel-top-k), and each child records the renormalised remainder it was drawn
@@ -28,6 +36,7 @@ from torch import Tensor
 from specdec.acceptance import target_probs
 from specdec.attention import sdpa_tree_attention
 from specdec.cache import StaticTreeCache
+from specdec.draft_graphs import DraftGraphs, graph_mode, round_up
 from specdec.forward import causal_chain_mask, tree_forward
 from specdec.generate import SpecDecInputError
 from specdec.state import AcceptResult, DecodeState
@@ -61,10 +70,15 @@ class DraftModel:
         width: frontier nodes kept per level (default ``branching``).
         tokenizer, target_tokenizer: optional, to check the two tokenizers agree id for id.
         backend: attention backend for the draft's forwards.
+        cuda_graphs: replay each greedy draft step as a CUDA graph (:mod:`specdec.draft_graphs`).
+            ``None`` (default): on when the draft model is on CUDA (a failed capture warns once and
+            drafts eagerly); ``True``: required (CUDA only; a failed capture raises); ``False``: the
+            eager path; ``"static"``: the graphs' fixed-view static-buffer path run eagerly (any
+            device; what CPU tests check against the eager path).
     """
 
     def __init__(self, model, depth: int = 4, branching: int = 1, width: int | None = None, tokenizer=None,
-                 target_tokenizer=None, backend=sdpa_tree_attention):
+                 target_tokenizer=None, backend=sdpa_tree_attention, cuda_graphs: bool | str | None = None):
         if depth < 1 or branching < 1:
             raise ValueError("depth and branching must be >= 1")
         self.model = model
@@ -76,6 +90,11 @@ class DraftModel:
         self.backend = backend
         self.cache: StaticTreeCache | None = None
         self._host_len: list[int] = []
+        if not (cuda_graphs is None or isinstance(cuda_graphs, bool) or cuda_graphs == "static"):
+            raise ValueError(f"cuda_graphs must be None, True, False or 'static', got {cuda_graphs!r}")
+        self.cuda_graphs = cuda_graphs
+        self.graphs: DraftGraphs | None = None  # per-shape graphs over the current draft cache
+        self._g_in: Tensor | None = None  # [3, B] int64 static inputs: chain start, chain length, commit
 
     def __repr__(self) -> str:
         return f"DraftModel(depth={self.depth}, branching={self.branching}, width={self.width})"
@@ -87,8 +106,21 @@ class DraftModel:
     def prefill(self, state: DecodeState) -> None:
         self.check(state.target)
         p = next(self.model.parameters())
-        self.cache = StaticTreeCache(self.model.config, state.batch_size, state.max_total_len + 1, p.dtype, state.device)
-        self._host_len = [0] * state.batch_size
+        B, need = state.batch_size, state.max_total_len + 1
+        mode = graph_mode(self.cuda_graphs, p.device)
+        if mode == "eager":
+            self.cache = StaticTreeCache(self.model.config, B, need, p.dtype, state.device)
+            self.graphs = None
+        else:  # keep the cache (and the graphs over it) across calls that fit
+            c = self.cache
+            if (c is None or self.graphs is None or c.batch_size != B or c.max_len < need or c.dtype != p.dtype
+                    or c.device != state.device):
+                self.cache = StaticTreeCache(self.model.config, B, round_up(need), p.dtype, state.device)
+                self.graphs = DraftGraphs(capture=mode == "capture", strict=self.cuda_graphs is True)
+                self._g_in = torch.zeros(3, B, dtype=torch.long, device=state.device)
+            else:
+                self.cache.reset()
+        self._host_len = [0] * B
 
     def observe(self, state: DecodeState, accepted: AcceptResult) -> None:
         pass  # the next catch-up forward feeds what was committed
@@ -107,8 +139,12 @@ class DraftModel:
         counts = [max(s - h, 1) for s, h in zip(seq_host, self._host_len)]
         commit = [s - h for s, h in zip(seq_host, self._host_len)]
         n = max(counts)
+        # (a row finished before the draft saw anything, e.g. EOS as its first token, has h = 0: clamp)
+        starts = [max(h - (c > s - h), 0) for h, c, s in zip(self._host_len, counts, seq_host)]
+        if self.graphs is not None and state.sampling.greedy and n <= self.depth + 1:
+            return self._propose_graphed(state, budget, n, starts, counts, commit, seq_host)
         ar = torch.arange(n, device=dev)
-        start = torch.tensor([h - (c > s - h) for h, c, s in zip(self._host_len, counts, seq_host)], device=dev)
+        start = torch.tensor(starts, device=dev)
         idx = (start.unsqueeze(1) + ar).clamp(max=state.sequences.shape[1] - 1)
         chain = state.sequences.gather(1, idx)  # [B, n] (rows with fewer tokens carry padding at the end)
         out = tree_forward(
@@ -136,6 +172,58 @@ class DraftModel:
             roots, last, forward_level, depth=self.depth, branching=self.branching, width=self.width,
             budget=budget, sampling=state.sampling, generator=state.generator,
         )
+
+    # ------------------------------------------------------------------ graphed (fixed view) path
+    def _propose_graphed(self, state: DecodeState, budget: int, n: int, starts: list[int], counts: list[int],
+                         commit: list[int], seq_host: list[int]) -> TokenTree:
+        """The same draft step as the eager path, with a fixed view (all ``cache.max_len`` slots,
+        masked on the device) and host values passed in through ``_g_in``, replayed as ONE graph
+        per catch-up length ``n`` (static mode: run eagerly). Greedy, fixed depth: no host read."""
+        B, dev, cache = state.batch_size, state.device, self.cache
+        seq, seq_lens = state.sequences, state.seq_lens
+        g = self.graphs
+        g.bind([cache.kv, cache.lengths, seq, seq_lens, self._g_in])
+        self._g_in.copy_(torch.tensor([starts, counts, commit], dtype=torch.long), non_blocking=True)  # [3, B]
+        view = cache.max_len
+        W = seq.shape[1]
+        depth, branching, width, sampling = self.depth, self.branching, self.width, state.sampling
+
+        def body() -> tuple[Tensor, Tensor]:
+            start, cnt, com = self._g_in[0], self._g_in[1], self._g_in[2]  # [B] each
+            ar = torch.arange(n, device=dev)
+            idx = (start.unsqueeze(1) + ar).clamp(max=W - 1)
+            chain = seq.gather(1, idx)  # [B, n]
+            out = tree_forward(self.model, cache, chain, causal_chain_mask(B, n, dev), ar.expand(B, n), view,
+                               self.backend)
+            cache.advance(com)
+            V = out.logits.shape[-1]
+            last = out.logits.gather(1, (cnt - 1).view(B, 1, 1).expand(B, 1, V)).squeeze(1)  # [B, V]
+            roots = seq.gather(1, (seq_lens - 1).unsqueeze(1)).squeeze(1)  # [B]
+
+            def forward_level(tree: TokenTree, new_tok: Tensor, frontier: Tensor) -> Tensor:
+                M = tree.num_nodes - 1
+                keep = new_tok.shape[1]
+                anc = tree.ancestor_mask[:, 1:, 1:]  # [B, M, M] ancestry among draft nodes
+                return tree_forward(
+                    self.model, cache, new_tok, anc.gather(1, (frontier - 1).unsqueeze(-1).expand(B, keep, M)),
+                    tree.depths[:, 1:] - 1, view, self.backend, query_nodes=frontier - 1,
+                ).logits
+
+            tree = grow_tree(roots, last, forward_level, depth=depth, branching=branching, width=width,
+                             budget=budget, sampling=sampling, generator=None)
+            return tree.tokens, tree.parents  # [B, N] each
+
+        key = (n, budget, depth, branching, width)
+        restore = None
+        if g.will_capture(key):  # capture's warm-up runs advance the committed lengths: put them back
+            saved = cache.lengths.clone()  # [B]
+
+            def restore() -> None:
+                cache.lengths.copy_(saved)
+
+        tok, par = g.run(key, body, restore)
+        self._host_len = seq_host
+        return TokenTree(tokens=tok, parents=par)  # static buffers: valid until the next propose
 
 
 def grow_tree(

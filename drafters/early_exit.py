@@ -32,6 +32,14 @@ sliding windows) keep working. HF's built-in early exit mutates ``config`` tempo
 Per ``propose``: 1 forward of the root (1 token), then one forward per further tree level (the
 frontier, with the tree mask). With ``threshold`` set, each level costs one host read (the
 confidence test); with ``threshold=None`` the depth is fixed and there is no host read.
+
+CUDA graphs (``cuda_graphs``, default on when the target is on CUDA; :mod:`specdec.draft_graphs`):
+with a greedy target and ``threshold=None`` the whole propose (root forward + level forwards +
+tree growing) is ONE graph replay per budget, with a fixed view of all the target cache's slots
+(masked on the device). The graph reads the root from the engine's token buffer and writes only
+scratch slots of the target cache, so it has no host input at all; it is reused while the engine
+hands over the same cache and token buffer (the verify runner's buffers persist across calls) and
+re-captured when they change. Sampling and the threshold (a host read per level) run eagerly.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from specdec.attention import sdpa_tree_attention
+from specdec.draft_graphs import DraftGraphs, graph_mode
 from specdec.forward import tree_forward
 from specdec.generate import SpecDecInputError
 from specdec.state import AcceptResult, DecodeState
@@ -124,6 +133,10 @@ class EarlyExit:
             default verifier for the device (Triton tree attention on CUDA, SDPA elsewhere). The
             draft runs the same attention modules as the target, so a slow backend here costs
             as much per layer as it would in the verify pass.
+        cuda_graphs: replay each greedy fixed-depth draft step as a CUDA graph. ``None``
+            (default): on when the target is on CUDA (a failed capture warns once, then eager);
+            ``True``: required (CUDA only; a failed capture raises); ``False``: eager;
+            ``"static"``: the graph's fixed-view path run eagerly (any device; CPU tests).
     """
 
     def __init__(
@@ -136,6 +149,7 @@ class EarlyExit:
         threshold: float | None = None,
         skip_layers: Iterable[int] | None = None,
         backend: Callable | None = None,
+        cuda_graphs: bool | str | None = None,
     ):
         n_layers = _text_config(target).num_hidden_layers
         if exit_layer is None:
@@ -172,6 +186,10 @@ class EarlyExit:
         self.backend = backend
         self._backend: Callable = backend or sdpa_tree_attention
         self.view = truncated_view(target, kept)  # validates the architecture now; rebuilt in prefill
+        if not (cuda_graphs is None or isinstance(cuda_graphs, bool) or cuda_graphs == "static"):
+            raise SpecDecInputError(f"cuda_graphs must be None, True, False or 'static', got {cuda_graphs!r}")
+        self.cuda_graphs = cuda_graphs
+        self.graphs: DraftGraphs | None = None  # per-budget graphs (kept across calls: same view object)
 
     def __repr__(self) -> str:
         skip = f", skip_layers={sorted(self.skip_layers)}" if self.skip_layers else ""
@@ -198,11 +216,16 @@ class EarlyExit:
             )
         # generate() has bound the target to the "specdec" attention by now; copy its config again
         # so the view's config matches (cheap: one config deepcopy and two module shells)
-        self.view = truncated_view(self.target, self.layers)
+        self.view = truncated_view(self.target, self.layers)  # captured graphs only hold its tensors
         if self.backend is None:
             from specdec.generate import default_verifier
 
             self._backend = default_verifier(state.device).backend
+        mode = graph_mode(self.cuda_graphs, state.device)
+        if mode == "eager":
+            self.graphs = None
+        elif self.graphs is None or self.graphs.capture != (mode == "capture"):
+            self.graphs = DraftGraphs(capture=mode == "capture", strict=self.cuda_graphs is True)
 
     def observe(self, state: DecodeState, accepted: AcceptResult) -> None:
         pass  # nothing to trim: the verify pass already wrote the committed K/V of every layer
@@ -214,6 +237,8 @@ class EarlyExit:
         roots = state.roots  # [B]
         if budget <= 0:
             return TokenTree.root_only(roots)
+        if self.graphs is not None and state.sampling.greedy and self.threshold is None:
+            return self._propose_graphed(state, budget)
         base = max(len(t) for t in state.host_tokens) - 1  # committed slots of the longest active row
 
         # 1. the root (its K/V is not committed yet): node 0 at slot lengths + 0
@@ -238,3 +263,40 @@ class EarlyExit:
             roots, first, forward_level, depth=self.depth, branching=self.branching, width=self.width,
             budget=budget, sampling=state.sampling, generator=state.generator, threshold=self.threshold,
         )
+
+    # ------------------------------------------------------------------ graphed (fixed view) path
+    def _propose_graphed(self, state: DecodeState, budget: int) -> TokenTree:
+        """The eager step with a fixed view (all ``cache.max_len`` slots of the target cache,
+        masked on the device) and the root gathered on the device: ONE graph per budget, no
+        host input, no host read. Writes only scratch slots ``>= lengths`` (nothing to restore)."""
+        B, dev, cache = state.batch_size, state.device, state.cache
+        seq, seq_lens = state.sequences, state.seq_lens
+        g = self.graphs
+        g.bind([cache.kv, cache.lengths, seq, seq_lens])
+        view = cache.max_len
+        depth, branching, width, sampling = self.depth, self.branching, self.width, state.sampling
+
+        def body() -> tuple[Tensor, Tensor]:
+            roots = seq.gather(1, (seq_lens - 1).unsqueeze(1)).squeeze(1)  # [B]
+            out = tree_forward(
+                self.target, cache, roots.view(B, 1), torch.ones(B, 1, 1, dtype=torch.bool, device=dev),
+                torch.zeros(B, 1, dtype=torch.long, device=dev), view, self._backend,
+                logits_to_keep=1, model_call=self.view,
+            )
+            first = out.logits[:, -1]  # [B, V]
+
+            def forward_level(tree: TokenTree, new_tok: Tensor, frontier: Tensor) -> Tensor:
+                N = tree.num_nodes
+                n = new_tok.shape[1]
+                mask = tree.ancestor_mask.gather(1, frontier.unsqueeze(-1).expand(B, n, N))  # [B, n, N]
+                return tree_forward(
+                    self.target, cache, new_tok, mask, tree.depths, view, self._backend,
+                    query_nodes=frontier, model_call=self.view,
+                ).logits
+
+            tree = grow_tree(roots, first, forward_level, depth=depth, branching=branching, width=width,
+                             budget=budget, sampling=sampling, generator=None)
+            return tree.tokens, tree.parents  # [B, N] each
+
+        tok, par = g.run((budget, depth, branching, width), body)
+        return TokenTree(tokens=tok, parents=par)  # static buffers: valid until the next propose

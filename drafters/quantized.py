@@ -217,14 +217,16 @@ class QuantizedCopy(DraftModel):
         cache_dequantized: non-CUDA path caches the dequantized weights (default: on when the target
             is not on CUDA).
         backend: attention backend for the draft's forwards.
+        cuda_graphs: replay each greedy draft step as a CUDA graph (see :class:`DraftModel`;
+            the Triton W8A16 / W4A16 kernels are captured with the rest of the forward).
     """
 
     def __init__(self, target, bits: int = 8, group_size: int = 128, depth: int = 4, branching: int = 1,
                  width: int | None = None, *, quantize_head: bool = True, cache_dequantized: bool | None = None,
-                 backend=sdpa_tree_attention):
+                 backend=sdpa_tree_attention, cuda_graphs: bool | str | None = None):
         check_quant_args(bits, group_size)
         model = quantize_model_copy(target, bits, group_size, quantize_head, cache_dequantized)
-        super().__init__(model, depth=depth, branching=branching, width=width, backend=backend)
+        super().__init__(model, depth=depth, branching=branching, width=width, backend=backend, cuda_graphs=cuda_graphs)
         self.bits = bits
         self.group_size = group_size if bits == 4 else None
         self._target_bytes = sum(_nbytes(t) for t in _tensors(target))
