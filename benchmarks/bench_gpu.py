@@ -7,7 +7,8 @@
     tau ~ 2, 3, 4 (the target's own greedy continuation, corrupted; chain of 8 drafts).
 (b) SmolLM2-135M-Instruct, real weights (fp32), MT-bench first turns: HF AR, HF prompt lookup
     (``prompt_lookup_num_tokens=10``), specdec AR, and every drafter: Raw / Turbo / Hybrid
-    lookahead, EarlyExit, QuantizedCopy int8 / int4, DraftModel (the target drafting for itself).
+    lookahead, EarlyExit, QuantizedCopy int8 / int4, DraftModel (the target drafting for itself), each
+    model drafter twice: draft step as CUDA graphs (``specdec.draft_graphs``) and eager.
     TPOT, tau, speedup over specdec AR and over HF AR, greedy-equality rate.
 
 Writes ``bench_gpu.json`` and ``bench_gpu.md`` to ``--out`` (sections are written as they finish,
@@ -309,10 +310,21 @@ def bench_smollm2(args, graphs: Graphs, device) -> None:
     hf_row("HF AR")
     hf_row("HF prompt lookup (10)", prompt_lookup_num_tokens=10)
 
+    import re
+
     def spec_row(name, make_drafter, budget, cuda_graphs=g):
+        if args.skip_rows and re.search(args.skip_rows, name):
+            log(f"SmolLM2 {name}: skipped (--skip-rows)")
+            return
         try:
             specdec.generate(model, prompts[0], drafter=make_drafter(), max_new_tokens=min(16, args.new), budget=budget,
                              verifier=verifier, cuda_graphs=cuda_graphs)  # warm-up: captures the buckets
+            dg = getattr(make_drafter(), "graphs", None)  # the drafter's own graphs (specdec.draft_graphs)
+            if dg is not None:  # warm up every catch-up length / level shape before timing
+                for p in prompts[:2]:
+                    specdec.generate(model, p, drafter=make_drafter(), max_new_tokens=args.new, budget=budget,
+                                     verifier=verifier, cuda_graphs=cuda_graphs)
+            n_capt = len(dg.stats.captures) if dg is not None else 0
             toks, tp, taus, steps, drafts, verifs = [], [], [], 0, 0.0, 0.0
             for p in prompts:
                 out = specdec.generate(model, p, drafter=make_drafter(), max_new_tokens=args.new, budget=budget,
@@ -327,6 +339,11 @@ def bench_smollm2(args, graphs: Graphs, device) -> None:
             tau = sum(t * n for t, n in taus) / max(sum(n for _, n in taus), 1)
             rows[name] = dict(tpot_s=sum(tp) / len(tp), tau=tau, tokens=toks, budget=budget,
                               draft_per_step_s=drafts / max(steps, 1), verify_per_step_s=verifs / max(steps, 1))
+            if dg is not None:
+                rows[name]["draft_graphs"] = dict(
+                    captured=len(dg.stats.captures), captured_while_timed=len(dg.stats.captures) - n_capt,
+                    capture_s=sum(dg.stats.captures.values()), replays=dg.stats.replays,
+                    static_runs=dg.stats.static_runs, disabled=dg.disabled)
             log(f"SmolLM2 {name}: TPOT {rows[name]['tpot_s'] * 1e3:.3f} ms tau {tau:.2f} "
                 f"draft/step {rows[name]['draft_per_step_s'] * 1e3:.2f} ms verify/step {rows[name]['verify_per_step_s'] * 1e3:.2f} ms")
         except Exception as e:  # one broken drafter must not sink the table
@@ -343,12 +360,26 @@ def bench_smollm2(args, graphs: Graphs, device) -> None:
     hybrid = HybridLookahead()
     spec_row("HybridLookahead", lambda: hybrid, LB)
     D = args.model_depth
-    spec_row(f"EarlyExit(8/30 layers, depth {D})", lambda: EarlyExit(model, exit_layer=8, depth=D), D)
-    q8 = QuantizedCopy(model, bits=8, depth=D)
-    spec_row(f"QuantizedCopy int8 (depth {D})", lambda: q8, D)
-    q4 = QuantizedCopy(model, bits=4, group_size=64, depth=D)
-    spec_row(f"QuantizedCopy int4 (depth {D})", lambda: q4, D)
-    spec_row(f"DraftModel(self, depth {D})", lambda: DraftModel(model, depth=D), D)
+    # model drafters: draft step as CUDA graphs (specdec.draft_graphs; on CUDA, the default) first,
+    # then the eager draft step (cuda_graphs=False) -- the verify step is graph-replayed in both.
+    # One drafter object per row, reused across prompts (its graphs / quantized copy are built once).
+    model_rows = [
+        (f"EarlyExit(8/30 layers, depth {D})", lambda dg: EarlyExit(model, exit_layer=8, depth=D, cuda_graphs=dg)),
+        (f"QuantizedCopy int8 (depth {D})", lambda dg: QuantizedCopy(model, bits=8, depth=D, cuda_graphs=dg)),
+        (f"QuantizedCopy int4 (depth {D})", lambda dg: QuantizedCopy(model, bits=4, group_size=64, depth=D, cuda_graphs=dg)),
+        (f"DraftModel(self, depth {D})", lambda dg: DraftModel(model, depth=D, cuda_graphs=dg)),
+    ]
+    draft_modes = [("graph draft", None if graphs.cuda else "static"), ("eager draft", False)]
+    for label, dg in draft_modes:
+        for name, make in model_rows:
+            row = f"{name} [{label}]"
+            if args.skip_rows and re.search(args.skip_rows, row):
+                log(f"SmolLM2 {row}: skipped (--skip-rows)")
+                continue
+            d = make(dg)
+            spec_row(row, lambda d=d: d, D)
+            del d
+            gc.collect()
 
     # derived columns
     hf = rows["HF AR"]["tpot_s"]
@@ -413,16 +444,18 @@ def report(args, device) -> None:
     b = RESULTS.get("smollm2")
     if b and b.get("rows"):
         MD.append(f"\n## (b) SmolLM2-135M-Instruct ({b['dtype']}), MT-bench first turns × {b['prompts']}, {b['new_tokens']} new tokens\n")
-        MD.append("| decoder | TPOT ms | τ | × HF AR | × specdec AR | = HF AR | = specdec AR |\n|---|---|---|---|---|---|---|")
+        MD.append("| decoder | TPOT ms | τ | × HF AR | × specdec AR | = HF AR | = specdec AR | draft ms/step | verify ms/step |\n"
+                  "|---|---|---|---|---|---|---|---|---|")
         for name, r in b["rows"].items():
             if "error" in r:
-                MD.append(f"| {name} | failed: {r['error'][:80]} | | | | | |")
+                MD.append(f"| {name} | failed: {r['error'][:80]} | | | | | | | |")
                 continue
             tau = "—" if r["tau"] is None else f"{r['tau']:.2f}"
             sa = "—" if r.get("speedup_vs_specdec_ar") is None else f"{r['speedup_vs_specdec_ar']:.2f}"
             ea = "—" if r.get("equal_to_specdec_ar") is None else f"{r['equal_to_specdec_ar']:.2f}"
             MD.append(f"| {name} | {fmt_ms(r['tpot_s'])} | {tau} | {r.get('speedup_vs_hf_ar', 0):.1f} | {sa} | "
-                      f"{r.get('equal_to_hf_ar', 0):.2f} | {ea} |")
+                      f"{r.get('equal_to_hf_ar', 0):.2f} | {ea} | {fmt_ms(r.get('draft_per_step_s'))} | "
+                      f"{fmt_ms(r.get('verify_per_step_s'))} |")
         spec = {n: r for n, r in b["rows"].items() if "error" not in r and r.get("tau") is not None
                 and not n.startswith("specdec AR") and r.get("speedup_vs_specdec_ar")}
         if spec:
@@ -454,6 +487,7 @@ def main(argv=None):
                     help="keep the 8B model's random weights as created (argmax near-ties: Replay tau collapses)")
     ap.add_argument("--lookahead-budget", type=int, default=15)
     ap.add_argument("--model-depth", type=int, default=4)
+    ap.add_argument("--skip-rows", default=None, help="regex: SmolLM2 specdec rows whose names match are not run")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.smoke:

@@ -191,7 +191,9 @@ def test_bind_invalidates_and_options_validated():
 @pytest.mark.parametrize("verify_graphs", [True, False])
 def test_graph_replay_matches_eager_cuda(name, verify_graphs):
     """Graph replays of the draft step == the eager draft step (trees and tokens), reused across calls."""
-    model = tiny_model("llama").cuda()
+    import copy
+
+    model = copy.deepcopy(tiny_model("llama")).cuda()  # a copy: the cached CPU model stays on the CPU
     prompt = _prompt(seed=5, device="cuda")
     ref = specdec.generate(model, prompt, max_new_tokens=NEW, cuda_graphs=False)
     eager_d = _make(name, model, False)
