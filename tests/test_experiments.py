@@ -9,6 +9,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,8 +27,21 @@ def _env(tmp: Path) -> dict:
     return env
 
 
-def read_wandb_offline(run_dir: Path) -> dict[str, set[str]]:
-    """Keys recorded in an offline run's ``run-*.wandb`` file (LevelDB-style log of protobuf records)."""
+def read_wandb_offline(run_dir: Path, expect_history: set[str] = frozenset(), wait_s: float = 60.0) -> dict[str, set[str]]:
+    """Keys recorded in an offline run's ``run-*.wandb`` file (LevelDB-style log of protobuf records).
+
+    W&B's writer is a separate process: on a loaded machine its last records can land after
+    ``run.finish()`` returned, so the file is re-read (up to ``wait_s``) until ``expect_history`` shows up.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        keys = _read_wandb_records(run_dir)
+        if expect_history <= keys["history"] or time.monotonic() > deadline:
+            return keys
+        time.sleep(0.5)
+
+
+def _read_wandb_records(run_dir: Path) -> dict[str, set[str]]:
     from wandb.proto import wandb_internal_pb2 as pb
 
     (f,) = run_dir.glob("run-*.wandb")
@@ -139,7 +153,7 @@ def test_report_writes_png_table_and_wandb_run(sweep, monkeypatch):
     with open(paths["csv"], newline="") as f:
         pts = list(csv.DictReader(f))
     assert {p["label"] for p in pts} == {"AR", "lookahead_raw"}
-    keys = read_wandb_offline(Path(paths["wandb"]))
+    keys = read_wandb_offline(Path(paths["wandb"]), expect_history={"points/_type", "pareto/_type"})
     assert {"points/_type", "pareto/_type"} <= keys["history"]
     assert any(k.startswith("tpot_vs_tau_table") for k in keys["history"])
     assert any(k.startswith("tpot_vs_alpha_table") for k in keys["history"])
