@@ -31,8 +31,9 @@ commits nothing (``path_len`` masked to 0) and only scratch slots past the commi
 written, which the next step overwrites anyway (gpt-fast's no-rollback cache). Buckets are captured
 lazily, the first time a tree of that size shows up.
 
-Model-based drafters' own forwards (DraftModel / QuantizedCopy / EarlyExit levels) are not captured
-here yet: they run eagerly between the replays (see ``docs/gpu.md``).
+Model-based drafters capture their own draft steps separately (:mod:`specdec.draft_graphs`, used by
+``DraftModel`` / ``QuantizedCopy`` / ``EarlyExit`` with ``cuda_graphs=None`` on CUDA); between two
+verify replays the engine then launches one draft graph per step (see ``docs/gpu.md``).
 """
 
 from __future__ import annotations
