@@ -231,8 +231,6 @@ class EarlyExit:
         pass  # nothing to trim: the verify pass already wrote the committed K/V of every layer
 
     def propose(self, state: DecodeState, budget: int) -> TokenTree:
-        B = state.batch_size
-        dev = state.device
         cache = state.cache  # the TARGET's cache: committed slots are read, scratch slots written
         roots = state.roots  # [B]
         if budget <= 0:
@@ -242,34 +240,47 @@ class EarlyExit:
         base = max(len(t) for t in state.host_tokens) - 1  # committed slots of the longest active row
 
         # 1. the root (its K/V is not committed yet): node 0 at slot lengths + 0
-        out = tree_forward(
-            self.target, cache, roots.view(B, 1), torch.ones(B, 1, 1, dtype=torch.bool, device=dev),
-            torch.zeros(B, 1, dtype=torch.long, device=dev), base + 1, self._backend,
-            logits_to_keep=1, model_call=self.view,
-        )
-        first = out.logits[:, -1]  # [B, V]
-
+        first = self._root_logits(cache, roots, base + 1)  # [B, V]
         # 2. one forward per level; tree node i sits at slot lengths + i, as in the verify pass
-        def forward_level(tree: TokenTree, new_tok: Tensor, frontier: Tensor) -> Tensor:
-            N = tree.num_nodes
-            n = new_tok.shape[1]
-            mask = tree.ancestor_mask.gather(1, frontier.unsqueeze(-1).expand(B, n, N))  # [B, n, N]
-            return tree_forward(
-                self.target, cache, new_tok, mask, tree.depths, base + N, self._backend,
-                query_nodes=frontier, model_call=self.view,
-            ).logits
+        forward_level = self._level_forward(cache, lambda n_nodes: base + n_nodes)
 
         return grow_tree(
             roots, first, forward_level, depth=self.depth, branching=self.branching, width=self.width,
             budget=budget, sampling=state.sampling, generator=state.generator, threshold=self.threshold,
         )
 
+    # ------------------------------------------------------------------ forwards shared by both paths
+    def _root_logits(self, cache, roots: Tensor, view_len: int) -> Tensor:
+        """Draft logits at the root ``[B, V]``: one truncated forward of ``roots [B]`` at slot lengths + 0."""
+        B, dev = roots.shape[0], roots.device
+        out = tree_forward(
+            self.target, cache, roots.view(B, 1), torch.ones(B, 1, 1, dtype=torch.bool, device=dev),
+            torch.zeros(B, 1, dtype=torch.long, device=dev), view_len, self._backend,
+            logits_to_keep=1, model_call=self.view,
+        )
+        return out.logits[:, -1]
+
+    def _level_forward(self, cache, view_len_of: Callable[[int], int]):
+        """``forward_level`` for :func:`grow_tree`: the truncated model on the newest level; tree node i
+        sits at slot lengths + i; ``view_len_of(N)`` gives the key slots visible for an N-node tree."""
+
+        def forward_level(tree: TokenTree, new_tok: Tensor, frontier: Tensor) -> Tensor:
+            B, n = new_tok.shape
+            N = tree.num_nodes
+            mask = tree.ancestor_mask.gather(1, frontier.unsqueeze(-1).expand(B, n, N))  # [B, n, N]
+            return tree_forward(
+                self.target, cache, new_tok, mask, tree.depths, view_len_of(N), self._backend,
+                query_nodes=frontier, model_call=self.view,
+            ).logits  # [B, n, V]
+
+        return forward_level
+
     # ------------------------------------------------------------------ graphed (fixed view) path
     def _propose_graphed(self, state: DecodeState, budget: int) -> TokenTree:
         """The eager step with a fixed view (all ``cache.max_len`` slots of the target cache,
         masked on the device) and the root gathered on the device: ONE graph per budget, no
         host input, no host read. Writes only scratch slots ``>= lengths`` (nothing to restore)."""
-        B, dev, cache = state.batch_size, state.device, state.cache
+        cache = state.cache
         seq, seq_lens = state.sequences, state.seq_lens
         g = self.graphs
         g.bind([cache.kv, cache.lengths, seq, seq_lens])
@@ -278,21 +289,8 @@ class EarlyExit:
 
         def body() -> tuple[Tensor, Tensor]:
             roots = seq.gather(1, (seq_lens - 1).unsqueeze(1)).squeeze(1)  # [B]
-            out = tree_forward(
-                self.target, cache, roots.view(B, 1), torch.ones(B, 1, 1, dtype=torch.bool, device=dev),
-                torch.zeros(B, 1, dtype=torch.long, device=dev), view, self._backend,
-                logits_to_keep=1, model_call=self.view,
-            )
-            first = out.logits[:, -1]  # [B, V]
-
-            def forward_level(tree: TokenTree, new_tok: Tensor, frontier: Tensor) -> Tensor:
-                N = tree.num_nodes
-                n = new_tok.shape[1]
-                mask = tree.ancestor_mask.gather(1, frontier.unsqueeze(-1).expand(B, n, N))  # [B, n, N]
-                return tree_forward(
-                    self.target, cache, new_tok, mask, tree.depths, view, self._backend,
-                    query_nodes=frontier, model_call=self.view,
-                ).logits
+            first = self._root_logits(cache, roots, view)  # [B, V]
+            forward_level = self._level_forward(cache, lambda n_nodes: view)
 
             tree = grow_tree(roots, first, forward_level, depth=depth, branching=branching, width=width,
                              budget=budget, sampling=sampling, generator=None)

@@ -342,6 +342,25 @@ if _HAS_TRITON:
             return tl.load(ptrs, mask=mask, other=OTHER)
 
     @triton.jit
+    def _w_first(w_ptr, offs_n, mask_n, b_lo, b_end, stride_wn, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr,
+                 OTHER: tl.constexpr, EVICT: tl.constexpr, PREFETCH: tl.constexpr):
+        """The weight stream's first in-flight tile (PREFETCH) or a placeholder that is never read."""
+        if PREFETCH:
+            return _load_w(w_ptr, offs_n, mask_n, b_lo + tl.arange(0, BLOCK_KB), b_end, stride_wn, OTHER, EVICT)
+        else:
+            return tl.zeros([BLOCK_N, BLOCK_KB], dtype=w_ptr.dtype.element_ty)
+
+    @triton.jit
+    def _w_step(p_next, w_ptr, offs_n, mask_n, offs_b, b_end, stride_wn, BLOCK_KB: tl.constexpr,
+                OTHER: tl.constexpr, EVICT: tl.constexpr, PREFETCH: tl.constexpr):
+        """``(tile for bytes offs_b, next in-flight tile)``: with PREFETCH the tile loaded one iteration
+        earlier is used while the next one is requested (register double buffer)."""
+        if PREFETCH:
+            return p_next, _load_w(w_ptr, offs_n, mask_n, offs_b + BLOCK_KB, b_end, stride_wn, OTHER, EVICT)
+        else:
+            return _load_w(w_ptr, offs_n, mask_n, offs_b, b_end, stride_wn, OTHER, EVICT), p_next
+
+    @triton.jit
     def _mma(a, b, acc, FP32: tl.constexpr):
         """``acc + a @ b`` on tensor cores; fp32 operands with IEEE products (tests, exactness)."""
         if FP32:
@@ -387,19 +406,13 @@ if _HAS_TRITON:
         b_lo = pid_k * kb_per_split
         b_end = tl.minimum(KB, b_lo + kb_per_split)  # this split's bytes: [b_lo, b_end)
         OTHER: tl.constexpr = 0 if BITS == 8 else 0x88  # int4 padding nibbles 8 -> value 0
-        if PREFETCH:
-            p_next = _load_w(w_ptr, offs_n, mask_n, b_lo + tl.arange(0, BLOCK_KB), b_end, stride_wn, OTHER, EVICT)
-        else:
-            p_next = tl.zeros([BLOCK_N, BLOCK_KB], dtype=w_ptr.dtype.element_ty)
+        p_next = _w_first(w_ptr, offs_n, mask_n, b_lo, b_end, stride_wn, BLOCK_N, BLOCK_KB, OTHER, EVICT, PREFETCH)
         for i in range(0, kb_per_split, BLOCK_KB):
             b0 = b_lo + i
             offs_b = b0 + tl.arange(0, BLOCK_KB)  # [BKB] byte columns
             wmask = mask_n[:, None] & (offs_b < b_end)[None, :]
-            if PREFETCH:
-                p = p_next
-                p_next = _load_w(w_ptr, offs_n, mask_n, offs_b + BLOCK_KB, b_end, stride_wn, OTHER, EVICT)
-            else:
-                p = _load_w(w_ptr, offs_n, mask_n, offs_b, b_end, stride_wn, OTHER, EVICT)  # [BN, BKB]
+            p, p_next = _w_step(p_next, w_ptr, offs_n, mask_n, offs_b, b_end, stride_wn, BLOCK_KB, OTHER, EVICT,
+                                PREFETCH)  # [BN, BKB]
             if BITS == 8:
                 xv = tl.load(x_row + offs_b, mask=offs_b < K, other=0.0).to(tl.float32)  # [BKB]
                 acc2 += _int8_value(p, MAGIC) * xv[None, :]
@@ -449,19 +462,13 @@ if _HAS_TRITON:
         b_lo = pid_k * kb_per_split
         b_end = tl.minimum(KB, b_lo + kb_per_split)
         OTHER: tl.constexpr = 0 if BITS == 8 else 0x88
-        if PREFETCH:
-            p_next = _load_w(w_ptr, offs_n, mask_n, b_lo + tl.arange(0, BLOCK_KB), b_end, stride_wn, OTHER, EVICT)
-        else:
-            p_next = tl.zeros([BLOCK_N, BLOCK_KB], dtype=w_ptr.dtype.element_ty)
+        p_next = _w_first(w_ptr, offs_n, mask_n, b_lo, b_end, stride_wn, BLOCK_N, BLOCK_KB, OTHER, EVICT, PREFETCH)
         for i in range(0, kb_per_split, BLOCK_KB):
             b0 = b_lo + i
             offs_b = b0 + tl.arange(0, BLOCK_KB)  # [BKB]
             wmask = mask_n[:, None] & (offs_b < b_end)[None, :]
-            if PREFETCH:
-                p = p_next
-                p_next = _load_w(w_ptr, offs_n, mask_n, offs_b + BLOCK_KB, b_end, stride_wn, OTHER, EVICT)
-            else:
-                p = _load_w(w_ptr, offs_n, mask_n, offs_b, b_end, stride_wn, OTHER, EVICT)  # [BN, BKB]
+            p, p_next = _w_step(p_next, w_ptr, offs_n, mask_n, offs_b, b_end, stride_wn, BLOCK_KB, OTHER, EVICT,
+                                PREFETCH)  # [BN, BKB]
             if BITS == 8:
                 xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_b[None, :],
                              mask=mask_m[:, None] & (offs_b[None, :] < K), other=0.0)  # [BM, BKB]
