@@ -74,3 +74,15 @@ def hf_greedy(model, ids, max_new_tokens, eos_token_id=None):
         top_p=None,
         temperature=None,
     )
+
+
+def eos_stops_one_row(model, prompt, max_new_tokens: int, at: int = 12):
+    """``(eos, reference)`` for a batch of 2 in which row 0 stops early on an EOS: the token row 0 emits at
+    step ``at`` becomes the EOS; the reference is specdec's eager AR output with that EOS."""
+    import specdec
+
+    ref = specdec.generate(model, prompt, max_new_tokens=max_new_tokens, cuda_graphs=False)
+    eos = ref.new_tokens[0][at]
+    ref = specdec.generate(model, prompt, max_new_tokens=max_new_tokens, eos_token_id=eos, cuda_graphs=False)
+    assert len(ref.new_tokens[0]) != len(ref.new_tokens[1]), "the rows should stop at different steps"
+    return eos, ref

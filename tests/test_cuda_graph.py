@@ -8,11 +8,11 @@ import specdec
 from drafters import DraftModel, Replay
 from specdec.acceptance import greedy_accept
 from specdec.cache import StaticTreeCache
-from specdec.cuda_graph import DEFAULT_BUCKETS, CUDAGraphRunner, bucket_for, pad_to_bucket
+from specdec.cuda_graph import CUDAGraphRunner, bucket_for, pad_to_bucket
 from specdec.forward import causal_chain_mask, tree_forward
 from specdec.generate import SpecDecInputError, verify_step
 from specdec.tree import TokenTree
-from tests.helpers import tiny_model
+from tests.helpers import eos_stops_one_row, tiny_model
 from verifiers import SDPAVerifier
 
 NEW = 40
@@ -126,10 +126,7 @@ def test_runner_batch_rows_finish_at_different_steps():
     """Batch 2 with an EOS that stops one row early: the inactive row commits nothing."""
     model = tiny_model("llama")
     prompt = _prompt(seed=9, B=2)
-    ref = specdec.generate(model, prompt, max_new_tokens=NEW, cuda_graphs=False)
-    eos = ref.new_tokens[0][12]
-    ref = specdec.generate(model, prompt, max_new_tokens=NEW, eos_token_id=eos, cuda_graphs=False)
-    assert len(ref.new_tokens[0]) != len(ref.new_tokens[1])
+    eos, ref = eos_stops_one_row(model, prompt, NEW)
     runner = CUDAGraphRunner(model, SDPAVerifier(), verify_step, 2, 256, buckets=(1, 8), capture=False)
     for drafter in (None, Replay([r + [0] * 8 for r in ref.new_tokens], 0.2, seed=4)):
         out = specdec.generate(model, prompt, drafter=drafter, max_new_tokens=NEW, eos_token_id=eos, budget=5,

@@ -15,7 +15,7 @@ from drafters import DraftModel, EarlyExit, QuantizedCopy
 from specdec.cuda_graph import CUDAGraphRunner
 from specdec.draft_graphs import DraftGraphs
 from specdec.generate import SpecDecInputError, verify_step
-from tests.helpers import tiny_model
+from tests.helpers import eos_stops_one_row, tiny_model
 from verifiers import SDPAVerifier
 
 NEW = 32
@@ -118,10 +118,7 @@ def test_batch_rows_finish_early_static_matches_eager():
     """Batch 2, one row stops at an EOS: finished rows feed their last token and commit nothing."""
     model = tiny_model("llama")
     prompt = _prompt(seed=9, B=2)
-    ref = specdec.generate(model, prompt, max_new_tokens=NEW, cuda_graphs=False)
-    eos = ref.new_tokens[0][12]
-    ref = specdec.generate(model, prompt, max_new_tokens=NEW, eos_token_id=eos, cuda_graphs=False)
-    assert len(ref.new_tokens[0]) != len(ref.new_tokens[1])
+    eos, ref = eos_stops_one_row(model, prompt, NEW)
     for make in (lambda m: DraftModel(model, depth=3, cuda_graphs=m),
                  lambda m: EarlyExit(model, exit_layer=1, depth=3, branching=2, cuda_graphs=m)):
         eager_d, static_d = make(False), make("static")
