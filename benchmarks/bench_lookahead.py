@@ -91,7 +91,22 @@ class Tally:
                 "new_tokens": self.new_tokens, "requests": self.requests}
 
 
+def accepted_len(prop, out: list[int], i: int) -> int:
+    """Greedy acceptance of a proposal (``prop.tokens`` / ``prop.parents``, parent -1 = the root) against
+    the reference continuation ``out[i:]``: the length of the longest agreeing root path."""
+    kids = {(p, t): j for j, (t, p) in enumerate(zip(prop.tokens, prop.parents))}
+    node, k = -1, 0
+    while i + k < len(out):
+        nxt = kids.get((node, out[i + k]))
+        if nxt is None:
+            break
+        node, k = nxt, k + 1
+    return k
+
+
 # ---------------------------------------------------------------------------- part 1: the model
+
+
 def load_target(args):
     import torch
 
@@ -349,15 +364,7 @@ def replay(side, output: list[int], budget: int, times: list | None = None) -> t
         t0 = time.perf_counter_ns()
         prop = side.query(budget)
         t1 = time.perf_counter_ns()
-        kids: dict[tuple[int, int], int] = {}
-        for j, (t, p) in enumerate(zip(prop.tokens, prop.parents)):
-            kids[(p, t)] = j
-        node, k = -1, 0
-        while i + k < len(output):
-            nxt = kids.get((node, output[i + k]))
-            if nxt is None:
-                break
-            node, k = nxt, k + 1
+        k = accepted_len(prop, output, i)
         commit = output[i : i + k + 1]  # accepted drafts + bonus (cut at the end, like EOS / max_new_tokens)
         t2 = time.perf_counter_ns()
         side.update(commit)
@@ -441,15 +448,7 @@ def bounds(doc: dict, budget: int, unlimited: int = 1 << 20) -> dict:
     from lookahead.raw import RawLookaheadCache
     from lookahead.turbo import TurboLookaheadCache
 
-    def accepted(prop, out, i):
-        kids = {(p, t): j for j, (t, p) in enumerate(zip(prop.tokens, prop.parents))}
-        node, k = -1, 0
-        while i + k < len(out):
-            nxt = kids.get((node, out[i + k]))
-            if nxt is None:
-                break
-            node, k = nxt, k + 1
-        return k
+    accepted = accepted_len
 
     def walk(acc, n):
         i, total = 1, 0

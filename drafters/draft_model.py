@@ -128,7 +128,6 @@ class DraftModel:
     def propose(self, state: DecodeState, budget: int) -> TokenTree:
         B = state.batch_size
         dev = state.device
-        cache = self.cache
         roots = state.roots
         if budget <= 0:
             return TokenTree.root_only(roots)
@@ -143,35 +142,49 @@ class DraftModel:
         starts = [max(h - (c > s - h), 0) for h, c, s in zip(self._host_len, counts, seq_host)]
         if self.graphs is not None and state.sampling.greedy and n <= self.depth + 1:
             return self._propose_graphed(state, budget, n, starts, counts, commit, seq_host)
-        ar = torch.arange(n, device=dev)
-        start = torch.tensor(starts, device=dev)
-        idx = (start.unsqueeze(1) + ar).clamp(max=state.sequences.shape[1] - 1)
-        chain = state.sequences.gather(1, idx)  # [B, n] (rows with fewer tokens carry padding at the end)
-        out = tree_forward(
-            self.model, cache, chain, causal_chain_mask(B, n, dev), ar.expand(B, n), max(self._host_len) + n, self.backend
-        )
-        cnt = torch.tensor(counts, device=dev)
-        cache.advance(torch.tensor(commit, device=dev))
+        start, cnt, com = torch.tensor([starts, counts, commit], device=dev)  # [B] each
+        last = self._catch_up(state, start, cnt, com, n, max(self._host_len) + n)  # [B, V]
         self._host_len = seq_host
-        last = out.logits.gather(1, (cnt - 1).view(B, 1, 1).expand(B, 1, out.logits.shape[-1])).squeeze(1)  # [B, V]
 
         # 2. expand level by level; draft node i (> 0) sits at slot cache.lengths + i - 1 (root committed)
         view_base = max(seq_host)
-
-        def forward_level(tree: TokenTree, new_tok: Tensor, frontier: Tensor) -> Tensor:
-            M = tree.num_nodes - 1
-            keep = new_tok.shape[1]
-            anc = tree.ancestor_mask[:, 1:, 1:]  # [B, M, M] ancestry among draft nodes
-            out = tree_forward(
-                self.model, cache, new_tok, anc.gather(1, (frontier - 1).unsqueeze(-1).expand(B, keep, M)),
-                tree.depths[:, 1:] - 1, view_base + M, self.backend, query_nodes=frontier - 1,
-            )
-            return out.logits
+        forward_level = self._level_forward(B, lambda n_draft: view_base + n_draft)
 
         return grow_tree(
             roots, last, forward_level, depth=self.depth, branching=self.branching, width=self.width,
             budget=budget, sampling=state.sampling, generator=state.generator,
         )
+
+    # ------------------------------------------------------------------ forwards shared by both paths
+    def _catch_up(self, state: DecodeState, start: Tensor, cnt: Tensor, com: Tensor, n: int, view_len: int) -> Tensor:
+        """One chain forward of ``n`` tokens per row from ``sequences[start]`` (``cnt [B]`` real ones, the
+        root last), committing ``com [B]`` of them in the draft cache; returns the logits at each row's
+        root ``[B, V]``."""
+        B, dev, cache = state.batch_size, state.device, self.cache
+        ar = torch.arange(n, device=dev)
+        idx = (start.unsqueeze(1) + ar).clamp(max=state.sequences.shape[1] - 1)
+        chain = state.sequences.gather(1, idx)  # [B, n] (rows with fewer tokens carry padding at the end)
+        out = tree_forward(self.model, cache, chain, causal_chain_mask(B, n, dev), ar.expand(B, n), view_len,
+                           self.backend)
+        cache.advance(com)
+        V = out.logits.shape[-1]
+        return out.logits.gather(1, (cnt - 1).view(B, 1, 1).expand(B, 1, V)).squeeze(1)
+
+    def _level_forward(self, B: int, view_len_of: Callable[[int], int]):
+        """``forward_level`` for :func:`grow_tree` over the draft cache; ``view_len_of(M)`` gives the key
+        slots visible with ``M`` draft nodes (root committed, node i > 0 at slot lengths + i - 1)."""
+        cache = self.cache
+
+        def forward_level(tree: TokenTree, new_tok: Tensor, frontier: Tensor) -> Tensor:
+            M = tree.num_nodes - 1
+            keep = new_tok.shape[1]
+            anc = tree.ancestor_mask[:, 1:, 1:]  # [B, M, M] ancestry among draft nodes
+            return tree_forward(
+                self.model, cache, new_tok, anc.gather(1, (frontier - 1).unsqueeze(-1).expand(B, keep, M)),
+                tree.depths[:, 1:] - 1, view_len_of(M), self.backend, query_nodes=frontier - 1,
+            ).logits  # [B, keep, V]
+
+        return forward_level
 
     # ------------------------------------------------------------------ graphed (fixed view) path
     def _propose_graphed(self, state: DecodeState, budget: int, n: int, starts: list[int], counts: list[int],
@@ -179,35 +192,18 @@ class DraftModel:
         """The same draft step as the eager path, with a fixed view (all ``cache.max_len`` slots,
         masked on the device) and host values passed in through ``_g_in``, replayed as ONE graph
         per catch-up length ``n`` (static mode: run eagerly). Greedy, fixed depth: no host read."""
-        B, dev, cache = state.batch_size, state.device, self.cache
+        B, cache = state.batch_size, self.cache
         seq, seq_lens = state.sequences, state.seq_lens
         g = self.graphs
         g.bind([cache.kv, cache.lengths, seq, seq_lens, self._g_in])
         self._g_in.copy_(torch.tensor([starts, counts, commit], dtype=torch.long), non_blocking=True)  # [3, B]
         view = cache.max_len
-        W = seq.shape[1]
         depth, branching, width, sampling = self.depth, self.branching, self.width, state.sampling
 
         def body() -> tuple[Tensor, Tensor]:
-            start, cnt, com = self._g_in[0], self._g_in[1], self._g_in[2]  # [B] each
-            ar = torch.arange(n, device=dev)
-            idx = (start.unsqueeze(1) + ar).clamp(max=W - 1)
-            chain = seq.gather(1, idx)  # [B, n]
-            out = tree_forward(self.model, cache, chain, causal_chain_mask(B, n, dev), ar.expand(B, n), view,
-                               self.backend)
-            cache.advance(com)
-            V = out.logits.shape[-1]
-            last = out.logits.gather(1, (cnt - 1).view(B, 1, 1).expand(B, 1, V)).squeeze(1)  # [B, V]
+            last = self._catch_up(state, self._g_in[0], self._g_in[1], self._g_in[2], n, view)  # [B, V]
             roots = seq.gather(1, (seq_lens - 1).unsqueeze(1)).squeeze(1)  # [B]
-
-            def forward_level(tree: TokenTree, new_tok: Tensor, frontier: Tensor) -> Tensor:
-                M = tree.num_nodes - 1
-                keep = new_tok.shape[1]
-                anc = tree.ancestor_mask[:, 1:, 1:]  # [B, M, M] ancestry among draft nodes
-                return tree_forward(
-                    self.model, cache, new_tok, anc.gather(1, (frontier - 1).unsqueeze(-1).expand(B, keep, M)),
-                    tree.depths[:, 1:] - 1, view, self.backend, query_nodes=frontier - 1,
-                ).logits
+            forward_level = self._level_forward(B, lambda n_draft: view)
 
             tree = grow_tree(roots, last, forward_level, depth=depth, branching=branching, width=width,
                              budget=budget, sampling=sampling, generator=None)
