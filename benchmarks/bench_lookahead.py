@@ -339,10 +339,9 @@ class _HybridSide:
     def __init__(self, cache, req):
         self.raw, self.turbo = _RawSide(req), _TurboSide(cache, req)
 
-    def query(self, budget):
-        from lookahead.trie import merge_proposals
-
-        return merge_proposals([self.raw.query(budget), self.turbo.query(budget)], budget)
+    def query(self, budget):  # as HybridLookahead: Raw's proposal merged into Turbo's walk
+        t = self.turbo
+        return t.cache.query_merged(t.ctx[-t.cache.max_match :], budget, self.raw.query(budget))
 
     def update(self, toks):
         self.raw.update(toks)

@@ -63,12 +63,14 @@ class _Side:
             self.ctx = list(req["prompt"][-cache.max_match :]) + req["output"][:1]
 
     def query(self, budget):
-        props = []
-        if self.raw is not None:
-            props.append(self.raw.query(budget))
-        if self.h is not None:
-            props.append(self.cache.query(self.ctx[-self.cache.max_match :], budget))
-        return props[0] if len(props) == 1 else self.mods["trie"].merge_proposals(props, budget)
+        if self.h is None:
+            return self.raw.query(budget)
+        ctx = self.ctx[-self.cache.max_match :]
+        if self.raw is None:
+            return self.cache.query(ctx, budget)
+        if hasattr(self.cache, "query_merged"):  # Hybrid as the version's drafter computes it
+            return self.cache.query_merged(ctx, budget, self.raw.query(budget))
+        return self.mods["trie"].merge_proposals([self.raw.query(budget), self.cache.query(ctx, budget)], budget)
 
     def update(self, toks):
         if self.raw is not None:

@@ -16,7 +16,7 @@ token x with probability p(x) (q = one-hot), which keeps decoding lossless.
 from __future__ import annotations
 
 from lookahead.raw import RawLookaheadCache
-from lookahead.trie import Proposal, merge_proposals
+from lookahead.trie import Proposal
 from lookahead.turbo import TurboLookaheadCache
 from specdec.state import AcceptResult, DecodeState
 from specdec.tree import TokenTree
@@ -211,7 +211,8 @@ class HybridLookahead:
 
     def propose(self, state: DecodeState, budget: int) -> TokenTree:
         _check_budget(budget)
-        raw = self.raw.proposals(state, budget)
-        turbo = self.turbo.proposals(state, budget)
-        merged = [None if r is None else merge_proposals([r, t], budget) for r, t in zip(raw, turbo)]
+        cache, m = self.turbo.cache, self.turbo.cache.max_match
+        # == merge_proposals([raw, turbo], budget), without building Turbo's proposal first
+        merged = [None if state.done[b] else cache.query_merged(toks[-m:], budget, self.raw.caches[b].query(budget))
+                  for b, toks in enumerate(state.host_tokens)]
         return proposals_to_tree(state, merged, self.turbo._vocab)

@@ -427,6 +427,146 @@ class TurboLookaheadCache:
                 return
             item = heappop(heap)
 
+    def query_merged(self, context: Sequence[int], budget: int, first: Proposal) -> Proposal:
+        """``merge_proposals([first, self.query(context, budget)], budget)``, computed in one walk.
+
+        Hybrid's tree (Raw's proposal ``first`` interleaved rank by rank with this cache's) without
+        building Turbo's proposal and merging it afterwards: the best-first walk of :meth:`query`
+        writes straight into the merged tree. Just before Turbo's rank-r node (a node new to
+        Turbo's own tree) is placed, ``first``'s rank-r node is, as in the round-robin merge. The
+        merged tree and Turbo's own tree are the same paths under different node ids (a node is
+        its path in both), so one index keyed by merged ids serves both merges, and a flag per
+        merged node says whether Turbo's tree has it already (merged for free) or not (Turbo's next
+        rank). The walk stops as soon as the merged tree is full (later ranks could only merge or
+        be cut) or Turbo's own budget is spent; ``first``'s remaining ranks follow.
+        """
+        check_budget(budget)
+        if budget == 0:
+            return Proposal()
+        toks: list[int] = []
+        pars: list[int] = []
+        index: dict = {}
+        in_turbo: list[bool] = []  # per merged node: Turbo's own tree has it
+        fmap = [-2] * len(first.tokens) + [-1]  # first's node -> merged node (-2: cut); root slot
+        state = [0, toks, pars, index, in_turbo, first.tokens, first.parents, fmap]  # [0]: Turbo's rank count
+        match_len = 0
+        L = len(context)
+        ctx = [int(t) for t in context[max(0, L - self.max_match) :]]
+        L = len(ctx)
+        full = False
+        for n in range(min(self.max_match, L), self.min_match - 1, -1):
+            if state[0] >= budget:
+                break
+            node = self._root
+            for t in ctx[L - n :]:
+                node = node.children.get(t) if node.children else None
+                if node is None:
+                    break
+            if node is None or not node.children:
+                continue
+            order = self._ranked(node)
+            if not order or order[0][0] <= 0:
+                continue
+            match_len = match_len or n
+            if self._walk_merged(budget, node, order, state):
+                full = True
+                break
+        if not full:  # first's ranks that Turbo's did not reach
+            ftoks, fpars = first.tokens, first.parents
+            for r in range(state[0], len(ftoks)):
+                mpar = fmap[fpars[r]]
+                if mpar == -2:
+                    continue
+                key = (mpar, ftoks[r])
+                got = index.get(key)
+                if got is None:
+                    if len(toks) >= budget:
+                        break  # full: the rest can only merge or be cut
+                    got = index[key] = len(toks)
+                    toks.append(ftoks[r])
+                    pars.append(mpar)
+                fmap[r] = got
+        match = max(first.match_len, match_len)  # (a pass that starts always gives Turbo a node)
+        return Proposal(toks, pars, match if toks else 0)
+
+    def _walk_merged(self, budget: int, start: _Node, order: list, state: list) -> bool:
+        """:meth:`_walk` writing into the merged tree of :meth:`query_merged`; True when that tree
+        is full."""
+        tcount, toks, pars, index, in_turbo, ftoks, fpars, fmap = state
+        nfirst = len(ftoks)
+        heappush, heappushpop, heappop = heapq.heappush, heapq.heappushpop, heapq.heappop
+        ranked = self._ranked
+        cap = self.branch_length
+        f = -1.0 / (start.x + 1.0)
+        x, u, c = order[0]
+        heap = []
+        item = (x * f, -u, 1, -1, c, f, order, 0)
+        try:
+            while True:
+                neg_p, _, depth, parent, node, f, sib, j = item
+                if sib is not None:  # queue the next sibling (skipping stale entries)
+                    for j in range(j + 1, len(sib)):
+                        x, u, c = sib[j]
+                        if x == c.x:
+                            if x > 0:
+                                heappush(heap, (f * x, -u, depth, parent, c, f, sib, j))
+                            break
+                tok = node.tok
+                key = (parent, tok)
+                nid = index.get(key)
+                if nid is None or not in_turbo[nid]:  # Turbo's rank ``tcount``
+                    if tcount >= budget:
+                        return False  # Turbo's own budget is spent
+                    if tcount < nfirst:  # the round-robin: first's rank ``tcount`` goes first
+                        mpar = fmap[fpars[tcount]]
+                        if mpar != -2:
+                            t2 = ftoks[tcount]
+                            k2 = (mpar, t2)
+                            got = index.get(k2)
+                            if got is None:
+                                got = index[k2] = len(toks)
+                                toks.append(t2)
+                                pars.append(mpar)
+                                in_turbo.append(False)
+                                if got + 1 >= budget:
+                                    return True
+                                if k2 == key:
+                                    nid = got
+                            fmap[tcount] = got
+                    tcount += 1
+                    if nid is None:
+                        nid = index[key] = len(toks)
+                        toks.append(tok)
+                        pars.append(parent)
+                        in_turbo.append(True)
+                        if nid + 1 >= budget:
+                            return True
+                    else:
+                        in_turbo[nid] = True
+                kids = node.children
+                if depth < cap and kids:
+                    f = neg_p / (node.x + 1.0)
+                    item = None
+                    if len(kids) == 1:
+                        for c in kids.values():
+                            x = c.x
+                            if x > 0:
+                                item = (f * x, -c.uid, depth + 1, nid, c, f, None, 0)
+                    else:
+                        sib = ranked(node)
+                        x, u, c = sib[0]
+                        if x > 0:
+                            item = (f * x, -u, depth + 1, nid, c, f, sib, 0)
+                    if item is not None:
+                        if heap:
+                            item = heappushpop(heap, item)
+                        continue
+                if not heap:
+                    return False
+                item = heappop(heap)
+        finally:
+            state[0] = tcount
+
     @staticmethod
     def _ranked(node: _Node) -> list[tuple]:
         """``node``'s children as ``(x, uid, child)`` entries, best first (higher score, then

@@ -414,3 +414,35 @@ def test_merge_matches_plain_oracle_on_random_proposals():
             m = merge_proposals(props, budget)
             assert (m.tokens, m.parents) == _merge_oracle(props, budget)
             assert len(m) <= budget and all(p < i for i, p in enumerate(m.parents))
+
+
+@pytest.mark.parametrize("seed,capacity,prompt_weight", [(0, 5000, 1.0), (1, 400, 0.0), (2, 2000, 2.5)])
+def test_turbo_query_merged_equals_merge_of_proposals(seed, capacity, prompt_weight):
+    """Hybrid's one-walk merge equals ``merge_proposals([first, turbo query])`` (tokens, parents,
+    match length) for Raw's own proposals, for empty ones and for random ones (shared nodes, cut
+    parents, a full tree before Turbo's walk ends), over updates with evictions, at budgets 0-60."""
+    rng = random.Random(seed)
+    V = 8
+    t = TurboLookaheadCache(max_match=3, branch_length=5, capacity=capacity, prompt_weight=prompt_weight)
+    t.warm_up([[rng.randrange(V) for _ in range(rng.randrange(5, 40))] for _ in range(10)])
+    raw = RawLookaheadCache(max_match=3, branch_length=5)
+    prompt = [rng.randrange(V) for _ in range(rng.randrange(1, 20))]
+    h = t.begin(prompt)
+    raw.extend(prompt)
+    checked = 0
+    for _ in range(60):
+        toks = [rng.randrange(V) for _ in range(rng.randrange(1, 4))]
+        t.extend(h, toks)
+        raw.extend(toks)
+        ctx = raw.tokens[-3:]
+        for budget in (0, 1, 2, 3, 8, 20, 60):
+            k = rng.randrange(0, budget + 1)
+            rnd = Proposal([rng.randrange(V) for _ in range(k)], [rng.randrange(-1, i) for i in range(k)], rng.randrange(4))
+            for first in (raw.query(budget), Proposal(), rnd):
+                want = merge_proposals([first, t.query(ctx, budget)], budget)
+                got = t.query_merged(ctx, budget, first)
+                assert (got.tokens, got.parents, got.match_len) == (want.tokens, want.parents, want.match_len)
+                checked += len(got)
+    assert checked > 2000
+    if capacity < 1000:
+        assert t.evictions > 0
