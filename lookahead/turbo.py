@@ -54,13 +54,14 @@ _FORMAT = "specdec.turbo_lookahead/1"
 
 
 class _Node:
-    __slots__ = ("children", "out", "inp", "x", "uid", "tok", "order", "pending")
+    __slots__ = ("tok", "x", "only", "order", "pending", "children", "uid", "out", "inp")
 
     def __init__(self, uid: int, tok: int):
         self.children: dict[int, _Node] | None = None
-        self.out = 0.0  # output-side frequency (decays)
+        self.only: _Node | None = None  # the child when there is exactly one (the walk skips the dict)
+        self.out = 0  # output-side frequency (an int until the first decay)
         self.inp = 0  # prompt-side frequency of the requests in flight
-        self.x = 0.0  # score: always recomputed as out + prompt_weight * inp (never accumulated)
+        self.x = 0  # score: always recomputed as out + prompt_weight * inp (never accumulated)
         self.uid = uid  # creation order: ties rank the newer node first
         self.tok = tok
         # the children ranked for queries (see TurboLookaheadCache._ranked): a list of
@@ -69,6 +70,11 @@ class _Node:
         # ``pending`` (merged in at the next query, a near-linear sort) instead of re-ranking.
         self.order: list[tuple] | None = None
         self.pending: list[tuple] | None = None
+
+    def __lt__(self, other: "_Node") -> bool:
+        # the walk's heap entries are (-p, node, ...): on equal probabilities the newer node comes
+        # first, as (-p, -uid) would order them, but a uid is only read on such a tie
+        return self.uid > other.uid
 
 
 
@@ -115,6 +121,10 @@ class TurboLookaheadCache:
         self.capacity = capacity
         self.decay = decay
         self.prompt_weight = prompt_weight
+        # the weight the scores are computed with: an int when it is one (1.0 -> 1), so that
+        # scores stay small ints (shared objects, no float per node to fetch) until the first
+        # decay; equal values, so the same ranking and the same products as with floats
+        self._pw = int(prompt_weight) if float(prompt_weight).is_integer() else prompt_weight
         self.evict_to = evict_to
         self.window = window
         self._root = _Node(0, -1)
@@ -122,6 +132,9 @@ class TurboLookaheadCache:
         self._count = 0
         self._epoch = 0
         self._streams: dict[int, _Stream] = {}
+        # one int object per token id: nodes of the same token share it, so dict probes match it by
+        # identity and hashing it reads one (usually cached) object instead of one per node
+        self._tok_ids: dict[int, int] = {}
         self._next_handle = 0
         self.evictions = 0
 
@@ -160,7 +173,7 @@ class TurboLookaheadCache:
         s = self._streams.pop(handle, None)
         if s is None:
             raise KeyError(f"no request with handle {handle}")
-        pw = self.prompt_weight
+        pw = self._pw
         for parent, node in s.prompt_nodes:
             node.inp -= 1
             node.x = node.out + pw * node.inp
@@ -183,13 +196,15 @@ class TurboLookaheadCache:
         """Advance every open window of ``s`` by each token (the hot update path: inlined)."""
         W = self.window
         cap = self.capacity
-        pw = self.prompt_weight
+        pw = self._pw
         root = self._root
         prompt_side = s.prompt_side
         prompt_nodes = s.prompt_nodes
         tail = s.tail
+        tok_id = self._tok_ids.setdefault
         for tok in tokens:
             tok = int(tok)
+            tok = tok_id(tok, tok)
             if self._count + W > cap:
                 self._evict()
             if s.epoch != self._epoch:
@@ -209,13 +224,14 @@ class TurboLookaheadCache:
                 if nxt is None:
                     nxt = ch[tok] = _Node(uid, tok)
                     uid += 1
+                    node.only = nxt if len(ch) == 1 else None
                 if prompt_side:
                     i = nxt.inp + 1
                     nxt.inp = i
                     x = nxt.x = nxt.out + pw * i
                     prompt_nodes.append((node, nxt))
                 else:
-                    o = nxt.out + 1.0
+                    o = nxt.out + 1
                     nxt.out = o
                     x = nxt.x = o + pw * nxt.inp
                 if node.order is not None and (pw or not prompt_side):
@@ -251,13 +267,13 @@ class TurboLookaheadCache:
         s.epoch = self._epoch
 
     def _score(self, node: _Node) -> float:
-        return node.out + self.prompt_weight * node.inp
+        return node.out + self._pw * node.inp
 
     def _evict(self) -> None:
         """Decay ``out`` everywhere and cut the trie to ``evict_to * capacity`` nodes (lowest score
         first, older first on ties; a removed node takes its subtree with it)."""
         target = min(int(self.capacity * self.evict_to), self.capacity - self.window)
-        pw = self.prompt_weight
+        pw = self._pw
         scores, uids = [], []
         stack = [self._root]
         while stack:
@@ -298,7 +314,10 @@ class TurboLookaheadCache:
                 stack.append(c)
             node.order = node.pending = None  # rebuilt on demand (children removed, scores decayed)
             if not ch:
-                node.children = None
+                node.children = node.only = None
+            elif len(ch) == 1:
+                for node.only in ch.values():
+                    pass
         self._count = kept
         self._epoch += 1
         self.evictions += 1
@@ -318,7 +337,8 @@ class TurboLookaheadCache:
             return Proposal()
         L = len(context)
         match_len = 0
-        ctx = [int(t) for t in context[max(0, L - self.max_match) :]]
+        tok_id = self._tok_ids.get
+        ctx = [tok_id(t, t) for t in map(int, context[max(0, L - self.max_match) :])]
         L = len(ctx)
         for n in range(min(self.max_match, L), self.min_match - 1, -1):
             if builder.full:
@@ -368,26 +388,31 @@ class TurboLookaheadCache:
 
     def _walk(self, builder: _Builder, start: _Node, order: list, index: dict | None) -> None:
         """The best-first walk of :meth:`_expand`; ``index`` is the tree's merge index, or None
-        for a walk into an empty tree (no node can merge there)."""
+        for a walk into an empty tree (no node can merge there).
+
+        The current entry lives in locals: ``neg_p`` (minus the path probability), ``depth``,
+        ``parent`` (its parent's id in the tree), ``node``, and its siblings' ``f`` (shared factor),
+        ``sib`` (ranked list, None for an only child) and ``j`` (its position there). Heap entries
+        are ``(neg_p, node, depth, parent, f, sib, j)``, ordered as ``(neg_p, -uid)`` (``_Node``
+        compares newer first); a child that beats every queued entry (what ``heappushpop`` would
+        hand back) becomes the current entry without being packed into one.
+        """
         budget = builder.budget
         toks, pars = builder.tokens, builder.parents
         heappush, heappushpop, heappop = heapq.heappush, heapq.heappushpop, heapq.heappop
         ranked = self._ranked
         cap = self.branch_length
-        # entries: (-p, -uid, depth, parent id in the tree, node, sibling factor, siblings, position)
         f = -1.0 / (start.x + 1.0)
-        x, u, c = order[0]
+        x, _, node = order[0]
+        neg_p, depth, parent, sib, j = x * f, 1, -1, order, 0
         heap = []
-        item = (x * f, -u, 1, -1, c, f, order, 0)
-        nid = len(toks)
         while True:
-            neg_p, _, depth, parent, node, f, sib, j = item
             if sib is not None:  # queue the next sibling (skipping stale entries)
                 for j in range(j + 1, len(sib)):
-                    x, u, c = sib[j]
+                    x, _, c = sib[j]
                     if x == c.x:
                         if x > 0:
-                            heappush(heap, (f * x, -u, depth, parent, c, f, sib, j))
+                            heappush(heap, (f * x, c, depth, parent, f, sib, j))
                         break
             if index is None:
                 nid = len(toks)
@@ -405,27 +430,33 @@ class TurboLookaheadCache:
                     toks.append(node.tok)
                     pars.append(parent)
                     index[key] = nid
-            kids = node.children
-            if depth < cap and kids:
-                f = neg_p / (node.x + 1.0)
-                item = None
-                if len(kids) == 1:  # most deep nodes: one continuation
-                    for c in kids.values():
-                        x = c.x
-                        if x > 0:
-                            item = (f * x, -c.uid, depth + 1, nid, c, f, None, 0)
+            if depth < cap:
+                c = node.only
+                if c is not None:  # most deep nodes: one continuation
+                    x = c.x
+                    sib = None
                 else:
-                    sib = ranked(node)
-                    x, u, c = sib[0]
-                    if x > 0:
-                        item = (f * x, -u, depth + 1, nid, c, f, sib, 0)
-                if item is not None:
+                    sib = node.order
+                    if sib is None or node.pending is not None:
+                        sib = ranked(node) if node.children else None
+                    if sib is None:  # a leaf
+                        x = 0
+                    else:
+                        x, _, c = sib[0]
+                if x > 0:
+                    f = neg_p / (node.x + 1.0)
+                    p = f * x
                     if heap:
-                        item = heappushpop(heap, item)
+                        h = heap[0]
+                        if p > h[0] or (p == h[0] and h[1] < c):  # a queued entry comes first
+                            neg_p, node, depth, parent, f, sib, j = heappushpop(
+                                heap, (p, c, depth + 1, nid, f, sib, 0))
+                            continue
+                    neg_p, depth, parent, node, j = p, depth + 1, nid, c, 0
                     continue
             if not heap:
                 return
-            item = heappop(heap)
+            neg_p, node, depth, parent, f, sib, j = heappop(heap)
 
     def query_merged(self, context: Sequence[int], budget: int, first: Proposal) -> Proposal:
         """``merge_proposals([first, self.query(context, budget)], budget)``, computed in one walk.
@@ -451,7 +482,8 @@ class TurboLookaheadCache:
         state = [0, toks, pars, index, in_turbo, first.tokens, first.parents, fmap]  # [0]: Turbo's rank count
         match_len = 0
         L = len(context)
-        ctx = [int(t) for t in context[max(0, L - self.max_match) :]]
+        tok_id = self._tok_ids.get
+        ctx = [tok_id(t, t) for t in map(int, context[max(0, L - self.max_match) :])]
         L = len(ctx)
         full = False
         for n in range(min(self.max_match, L), self.min_match - 1, -1):
@@ -498,18 +530,17 @@ class TurboLookaheadCache:
         ranked = self._ranked
         cap = self.branch_length
         f = -1.0 / (start.x + 1.0)
-        x, u, c = order[0]
+        x, _, node = order[0]
+        neg_p, depth, parent, sib, j = x * f, 1, -1, order, 0
         heap = []
-        item = (x * f, -u, 1, -1, c, f, order, 0)
         try:
             while True:
-                neg_p, _, depth, parent, node, f, sib, j = item
                 if sib is not None:  # queue the next sibling (skipping stale entries)
                     for j in range(j + 1, len(sib)):
-                        x, u, c = sib[j]
+                        x, _, c = sib[j]
                         if x == c.x:
                             if x > 0:
-                                heappush(heap, (f * x, -u, depth, parent, c, f, sib, j))
+                                heappush(heap, (f * x, c, depth, parent, f, sib, j))
                             break
                 tok = node.tok
                 key = (parent, tok)
@@ -543,27 +574,33 @@ class TurboLookaheadCache:
                             return True
                     else:
                         in_turbo[nid] = True
-                kids = node.children
-                if depth < cap and kids:
-                    f = neg_p / (node.x + 1.0)
-                    item = None
-                    if len(kids) == 1:
-                        for c in kids.values():
-                            x = c.x
-                            if x > 0:
-                                item = (f * x, -c.uid, depth + 1, nid, c, f, None, 0)
+                if depth < cap:
+                    c = node.only
+                    if c is not None:
+                        x = c.x
+                        sib = None
                     else:
-                        sib = ranked(node)
-                        x, u, c = sib[0]
-                        if x > 0:
-                            item = (f * x, -u, depth + 1, nid, c, f, sib, 0)
-                    if item is not None:
+                        sib = node.order
+                        if sib is None or node.pending is not None:
+                            sib = ranked(node) if node.children else None
+                        if sib is None:
+                            x = 0
+                        else:
+                            x, _, c = sib[0]
+                    if x > 0:
+                        f = neg_p / (node.x + 1.0)
+                        p = f * x
                         if heap:
-                            item = heappushpop(heap, item)
+                            h = heap[0]
+                            if p > h[0] or (p == h[0] and h[1] < c):
+                                neg_p, node, depth, parent, f, sib, j = heappushpop(
+                                    heap, (p, c, depth + 1, nid, f, sib, 0))
+                                continue
+                        neg_p, depth, parent, node, j = p, depth + 1, nid, c, 0
                         continue
                 if not heap:
                     return False
-                item = heappop(heap)
+                neg_p, node, depth, parent, f, sib, j = heappop(heap)
         finally:
             state[0] = tcount
 
@@ -642,12 +679,16 @@ class TurboLookaheadCache:
         cache = cls(**doc["knobs"])
         nodes = []
         for tok, par, out, uid in zip(doc["tokens"], doc["parents"], doc["out"], doc["uid"]):
+            tok = cache._tok_ids.setdefault(tok, tok)
             node = _Node(uid, tok)
             node.out = out
-            node.x = out + cache.prompt_weight * node.inp
+            node.x = out + cache._pw * node.inp
             parent = cache._root if par < 0 else nodes[par]
             if parent.children is None:
                 parent.children = {}
+                parent.only = node
+            else:
+                parent.only = None
             parent.children[tok] = node
             nodes.append(node)
         cache._count = len(nodes)
