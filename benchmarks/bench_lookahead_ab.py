@@ -2,7 +2,8 @@
 
 Timing on a shared CPU drifts by tens of percent from minute to minute, so two versions are only
 comparable when measured side by side: for every evaluation request, each method (raw, turbo
-cold, turbo warm, hybrid) replays the request with version A and then with version B, and the
+cold, turbo warm, hybrid) replays the request with version A and with version B (which one goes
+first alternates from request to request), and the
 per-step cost (query at the budget + update, as ``bench_lookahead.py`` measures it) is collected
 for both. Both versions replay the same recorded greedy outputs (``bench_lookahead.py run``), and
 their committed draft tokens are printed too (they must be equal when the retrieval is meant to be
@@ -110,9 +111,12 @@ def main(argv=None):
                         caches[v][m] = c = mods["turbo"].TurboLookaheadCache()
                         for q in s["warm"]:
                             feed(c, q)
-                for q in s["eval"]:
+                for n, q in enumerate(s["eval"]):
+                    # which version goes first alternates from request to request (the second run of
+                    # a request finds its data in the CPU caches: a bias of a few % otherwise)
+                    order = list(versions.items())[:: -1 if (n + rep) % 2 else 1]
                     for m in METHODS:
-                        for v, mods in versions.items():
+                        for v, mods in order:
                             ts = times.setdefault((m, v), [])
                             steps, _ = replay(_Side(mods, m, caches[v].get(m), q), q["output"], args.budget, ts)
                             if rep == 0:
