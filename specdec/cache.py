@@ -32,6 +32,20 @@ def kv_shape_from_config(config) -> tuple[int, int, int]:
     return n_layers, n_kv, head_dim
 
 
+def _kv_write(kv: Tensor, layer_idx: int, slots: Tensor, key: Tensor, value: Tensor) -> None:
+    """Scatter ``[B, H_kv, n, D]`` new K/V of one layer into ``kv`` at ``slots`` ``[B, n]`` (in place)."""
+    B, H, n, D = key.shape
+    idx = slots.view(B, 1, n, 1).expand(B, H, n, D)
+    kv[layer_idx, 0].scatter_(2, idx, key.to(kv.dtype))  # decoding cache: no autograd
+    kv[layer_idx, 1].scatter_(2, idx, value.to(kv.dtype))
+
+
+# Under torch.compile the write is one custom op that mutates the cache in place: traced as plain
+# scatters into a view of the cache, it is functionalised into a copy of the layer's whole K/V view
+# per layer and step (the copy the Triton attention op then reads).
+torch.library.custom_op("specdec::kv_write", mutates_args=("kv",))(_kv_write)
+
+
 class StaticTreeCache(Cache):
     """Preallocated K/V for ``batch_size`` rows of at most ``max_len`` tokens each.
 
@@ -127,12 +141,11 @@ class StaticTreeCache(Cache):
         """Write ``[B, H_kv, n, D]`` new K/V to the declared slots; return the visible K/V views."""
         if self._write_slots is None:
             raise RuntimeError("StaticTreeCache.update called without begin_step(); use specdec's forward helpers")
-        k_buf, v_buf = self.kv[layer_idx, 0], self.kv[layer_idx, 1]
-        B, H, n, D = key_states.shape
-        idx = self._write_slots.view(B, 1, n, 1).expand(B, H, n, D)
-        k_buf.scatter_(2, idx, key_states.detach().to(k_buf.dtype))  # decoding cache: no autograd
-        v_buf.scatter_(2, idx, value_states.detach().to(v_buf.dtype))
-        return k_buf[:, :, : self._view_len], v_buf[:, :, : self._view_len]
+        if torch.compiler.is_compiling():  # one in-place op: no functional copy of the layer's K/V
+            torch.ops.specdec.kv_write(self.kv, layer_idx, self._write_slots, key_states, value_states)
+        else:
+            _kv_write(self.kv, layer_idx, self._write_slots, key_states.detach(), value_states.detach())
+        return self.kv[layer_idx, 0, :, :, : self._view_len], self.kv[layer_idx, 1, :, :, : self._view_len]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.lengths.max())

@@ -31,6 +31,13 @@ commits nothing (``path_len`` masked to 0) and only scratch slots past the commi
 written, which the next step overwrites anyway (gpt-fast's no-rollback cache). Buckets are captured
 lazily, the first time a tree of that size shows up.
 
+``compile=True`` (or a backend name) puts ``torch.compile(fullgraph=True)`` of the target's forward
+inside the captured step: Inductor fuses the norms, rotary, activations and residual adds that HF's
+modeling code runs as separate kernels (the Triton tree kernel and the cache write enter the traced
+graph as custom ops, ``specdec::tree_attention`` / ``specdec::kv_write``). Compilation happens at a
+bucket's first capture: the first bucket compiles with static shapes, the second one recompiles with
+the tree size symbolic, and that graph serves every later bucket (dynamo's automatic dynamic shapes).
+
 Model-based drafters capture their own draft steps separately (:mod:`specdec.draft_graphs`, used by
 ``DraftModel`` / ``QuantizedCopy`` / ``EarlyExit`` with ``cuda_graphs=None`` on CUDA); between two
 verify replays the engine then launches one draft graph per step (see ``docs/gpu.md``).
@@ -114,13 +121,15 @@ class CUDAGraphRunner:
         buckets: captured tree sizes.
         capture: ``False`` runs the same static-buffer step eagerly (CPU tests of the padding and
             buffer logic; no CUDA needed).
+        compile: ``False``; ``True`` (Inductor) or a ``torch.compile`` backend (name or callable): the target's
+            forward runs compiled (at most two compilations per model, see the module docstring).
     Buffers (fixed addresses, reused by every ``generate`` call that fits):
         cache: :class:`StaticTreeCache`; sequences ``[B, max_len + max_bucket + 2]``; seq_lens ``[B]``;
         counters: :class:`DepthCounters` over depths ``0 .. max_bucket - 1``; active ``[B]`` bool.
     """
 
     def __init__(self, target, verifier, step_fn: StepFn, batch_size: int, max_len: int,
-                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, capture: bool = True):
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, capture: bool = True, compile=False):
         p = next(target.parameters())
         self.device, self.dtype = p.device, p.dtype
         if capture and self.device.type != "cuda":
@@ -133,6 +142,8 @@ class CUDAGraphRunner:
         self.batch_size = int(batch_size)
         self.max_len = int(max_len)
         self.capture = capture
+        self.compile = compile
+        self._forward = compiled_forward(compile) if compile else None
         B, dev = self.batch_size, self.device
         self.cache = StaticTreeCache(target.config, B, self.max_len, self.dtype, dev)
         self.sequences = torch.zeros(B, self.max_len + self.max_bucket + 2, dtype=torch.long, device=dev)  # [B, W]
@@ -148,11 +159,13 @@ class CUDAGraphRunner:
         self.disabled: str | None = None  # why capture failed, when it did
 
     # ------------------------------------------------------------------ per generate() call
-    def fits(self, target, verifier, batch_size: int, need_len: int, max_nodes: int) -> bool:
-        """Can a call with ``need_len`` committed tokens at most and trees of ``max_nodes`` use this runner?"""
+    def fits(self, target, verifier, batch_size: int, need_len: int, max_nodes: int, compile=None) -> bool:
+        """Can a call with ``need_len`` committed tokens at most and trees of ``max_nodes`` use this
+        runner (and, unless ``compile`` is None, with that compile setting)?"""
         nb = bucket_for(max_nodes, self.buckets) or max_nodes
         return (
             self._target() is target
+            and (compile is None or compile == self.compile)
             and type(verifier) is type(self.verifier)
             and batch_size == self.batch_size
             and need_len + nb + 1 <= self.max_len
@@ -229,6 +242,8 @@ class CUDAGraphRunner:
             b.tokens.copy_(self.sequences.gather(1, (self.seq_lens - 1).unsqueeze(1)))  # [B, 1]
         tree = TokenTree(tokens=b.tokens, parents=b.parents, valid=b.valid)
         target = self._target()
+        if self._forward is not None:
+            target = _CompiledCall(target, self._forward)
         res, host = self.step_fn(
             target, self.verifier, tree, self.cache, self.max_len, self.greedy, None,
             self.active, self.sequences, self.seq_lens, self.counters,
@@ -317,22 +332,62 @@ class CUDAGraphRunner:
         return dt
 
 
+def _call_model(model, **kwargs):
+    return model(**kwargs)
+
+
+_COMPILED: dict = {}
+
+
+def compiled_forward(compile) -> Callable:
+    """``torch.compile`` of ``model(**kwargs)`` for ``backend = "inductor" if compile is True else compile``
+    (a backend name or a backend callable).
+
+    One compiled function per backend, shared by every model: dynamo keeps one entry per (model,
+    input shapes), so the recompile limit is raised to hold the buckets of a few models.
+    """
+    backend = "inductor" if compile is True else compile
+    fn = _COMPILED.get(backend)
+    if fn is None:
+        import torch._dynamo
+
+        cfg = torch._dynamo.config
+        cfg.recompile_limit = max(cfg.recompile_limit, 64)
+        cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 1024)
+        fn = torch.compile(_call_model, backend=backend, fullgraph=True)
+        _COMPILED[backend] = fn
+    return fn
+
+
+class _CompiledCall:
+    """The target as the verifier sees it, with its call going through the compiled forward."""
+
+    def __init__(self, model, forward: Callable):
+        self._model, self._forward = model, forward
+
+    def __call__(self, **kwargs):
+        return self._forward(self._model, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
 _RUNNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def runner_for(target, verifier, step_fn: StepFn, batch_size: int, need_len: int, max_nodes: int,
-               buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> CUDAGraphRunner:
+               buckets: tuple[int, ...] = DEFAULT_BUCKETS, compile=False) -> CUDAGraphRunner:
     """The model's cached runner if it fits this call, else a new one (replacing it).
 
     ``max_len`` is rounded up to a multiple of 512 so prompts of similar length share the graphs.
     """
     r = _RUNNERS.get(target)
-    if r is not None and r.fits(target, verifier, batch_size, need_len, max_nodes):
+    if r is not None and r.fits(target, verifier, batch_size, need_len, max_nodes, compile):
         return r
     _RUNNERS.pop(target, None)
     del r
     max_bucket = max(buckets)
     max_len = _round_up(need_len + max_bucket + 2, 512)
-    r = CUDAGraphRunner(target, verifier, step_fn, batch_size, max_len, buckets=buckets, capture=True)
+    r = CUDAGraphRunner(target, verifier, step_fn, batch_size, max_len, buckets=buckets, capture=True, compile=compile)
     _RUNNERS[target] = r
     return r

@@ -178,13 +178,25 @@ def verify_step(
     return res, torch.cat([path_len.unsqueeze(1), new], 1)
 
 
-def _graph_runner(cuda_graphs, target, verifier, sampling, cache, batch, need_len, budget):
+def _graph_runner(cuda_graphs, target, verifier, sampling, cache, batch, need_len, budget, compile=False):
     """The CUDA-graph runner for this call (:mod:`specdec.cuda_graph`), or None for the eager loop."""
+    runner = _pick_runner(cuda_graphs, target, verifier, sampling, cache, batch, need_len, budget, compile)
+    if compile and runner is None:
+        raise SpecDecInputError(
+            "compile=True compiles the target inside the CUDA-graph steps: it needs a CUDA target, greedy "
+            "decoding, no caller-provided cache and cuda_graphs not False"
+        )
+    return runner
+
+
+def _pick_runner(cuda_graphs, target, verifier, sampling, cache, batch, need_len, budget, compile):
     if cuda_graphs is False:
         return None
     from .cuda_graph import CUDAGraphRunner, runner_for
 
     if isinstance(cuda_graphs, CUDAGraphRunner):  # caller-managed runner (own buckets, shared buffers)
+        if compile and compile != cuda_graphs.compile:
+            raise SpecDecInputError("with a caller-managed CUDAGraphRunner, set compile on the runner")
         if not cuda_graphs.fits(target, verifier, batch, need_len, budget + 1):
             raise SpecDecInputError("the given CUDAGraphRunner does not fit this call (model, verifier, batch or length)")
         if not sampling.greedy or cache is not None:
@@ -201,7 +213,7 @@ def _graph_runner(cuda_graphs, target, verifier, sampling, cache, batch, need_le
         if cuda_graphs:
             raise SpecDecInputError(f"cuda_graphs=True {why_not}")
         return None
-    runner = runner_for(target, verifier, verify_step, batch, need_len, budget + 1)
+    runner = runner_for(target, verifier, verify_step, batch, need_len, budget + 1, compile=compile)
     runner.strict = bool(cuda_graphs)  # None: a failed capture falls back to eager (with a warning)
     return runner
 
@@ -226,6 +238,7 @@ def generate(
     cache: StaticTreeCache | None = None,
     on_step: Callable[[DecodeState, AcceptResult], None] | None = None,
     cuda_graphs=None,
+    compile: bool | str = False,
 ) -> GenerateOutput:
     """Decode ``max_new_tokens`` tokens from ``target``, speculatively when a drafter is given.
 
@@ -248,6 +261,11 @@ def generate(
             ``cache`` passed in; ``True``: required (raises where unsupported); ``False``: eager; or a
             :class:`~specdec.cuda_graph.CUDAGraphRunner` to use (own buckets; ``capture=False`` runs
             the same padded static-buffer steps eagerly, e.g. on CPU).
+        compile: ``True`` (or a ``torch.compile`` backend name): the target's forward inside the
+            captured steps is ``torch.compile``-d (fused norms, rotary, activations; see
+            :mod:`specdec.cuda_graph`). Each tree-size bucket compiles at its first capture (seconds
+            to a minute); tokens equal the uncompiled steps' up to float rounding of the fused ops.
+            Needs the CUDA-graph runner (CUDA target, greedy, no ``cache``).
     Returns:
         :class:`GenerateOutput` with ``.sequences`` ``[B, T + new]`` and ``.stats``.
     """
@@ -267,7 +285,7 @@ def generate(
     B, T = input_ids.shape
     verifier = verifier if verifier is not None else default_verifier(device)
     max_total = T + max_new_tokens + budget + 2  # scratch for the last tree
-    graphs = _graph_runner(cuda_graphs, target, verifier, sampling, cache, B, T + max_new_tokens, budget)
+    graphs = _graph_runner(cuda_graphs, target, verifier, sampling, cache, B, T + max_new_tokens, budget, compile)
     if graphs is not None:
         cache = graphs.cache  # reset below together with the runner's other buffers
     elif cache is None:

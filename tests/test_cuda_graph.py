@@ -186,3 +186,80 @@ def test_graph_replay_matches_eager_cuda(name):
     assert runner.disabled is None
     assert runner._buckets and all(b.graph is not None for b in runner._buckets.values())
     assert sum(b.replays for b in runner._buckets.values()) > 0
+
+
+# ---------------------------------------------------------------- compiled target forward
+class _RecordingBackend:
+    """A torch.compile backend that keeps the dynamo graphs and runs them as traced (no Inductor)."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return gm.forward
+
+
+@pytest.mark.parametrize("verifier_name", ["sdpa", "triton"])
+def test_runner_compiled_forward_matches_eager_cpu(verifier_name):
+    """compile=<backend>: the whole target forward is traced in ONE graph per shape (fullgraph, so a
+    graph break would raise), the cache write and the Triton kernel enter it as custom ops, and
+    the runner commits exactly the eager loop's tokens; the first bucket is static, the second
+    recompiles with the tree size symbolic and then serves every later bucket."""
+    from verifiers import TritonTreeVerifier
+
+    model = tiny_model("llama", seed=3)
+    verifier = SDPAVerifier() if verifier_name == "sdpa" else TritonTreeVerifier()
+    prompt = _prompt(seed=5)
+    ref = specdec.generate(model, prompt, max_new_tokens=NEW, cuda_graphs=False)
+    backend = _RecordingBackend()
+    runner = CUDAGraphRunner(model, verifier, verify_step, 1, 256, buckets=(1, 4, 8, 16), capture=False, compile=backend)
+    for drafter in (None, Replay(ref.new_tokens[0], 0.5, branching=3, seed=2), Replay(ref.new_tokens[0], 0.1, seed=3)):
+        out = specdec.generate(model, prompt, drafter=drafter, max_new_tokens=NEW, budget=6, verifier=verifier,
+                               cuda_graphs=runner)
+        assert out.new_tokens == ref.new_tokens
+    used = sorted(n for (n, _), b in runner._buckets.items() if b.replays)
+    assert len(used) >= 3, used  # AR + at least two tree buckets went through the compiled forward
+    assert len(backend.graphs) == 2  # static first shape, then one dynamic graph for the rest
+    for gm in backend.graphs:
+        code = gm.code
+        assert code.count("specdec.kv_write") == model.config.num_hidden_layers
+        if verifier_name == "triton":
+            assert code.count("specdec.tree_attention") == model.config.num_hidden_layers
+    # the same model decodes uncompiled afterwards (a plain call replaces the compiled runner)
+    assert specdec.generate(model, prompt, max_new_tokens=8, cuda_graphs=False).new_tokens[0] == ref.new_tokens[0][:8]
+
+
+def test_compile_needs_the_graph_runner():
+    model = tiny_model("llama")
+    prompt = _prompt()
+    ref = specdec.generate(model, prompt, max_new_tokens=6, cuda_graphs=False)
+    with pytest.raises(SpecDecInputError, match="compile"):
+        specdec.generate(model, prompt, max_new_tokens=6, cuda_graphs=False, compile=True)
+    runner = CUDAGraphRunner(model, SDPAVerifier(), verify_step, 1, 64, buckets=(1,), capture=False)
+    with pytest.raises(SpecDecInputError, match="compile"):  # the runner was built without it
+        specdec.generate(model, prompt, max_new_tokens=6, verifier=SDPAVerifier(), cuda_graphs=runner, compile=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(SpecDecInputError, match="compile"):  # CPU: no graph runner by default
+            specdec.generate(model, prompt, max_new_tokens=6, compile=True)
+    assert specdec.generate(model, prompt, max_new_tokens=6, cuda_graphs=False).new_tokens == ref.new_tokens
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("name", ["ar", "replay-tree"])
+def test_compiled_graph_replay_matches_eager_cuda(name):
+    """compile=True (Inductor) inside the captured steps: same tokens as the eager loop (fp32)."""
+    import copy
+
+    model = copy.deepcopy(tiny_model("llama", seed=11)).cuda()
+    prompt = _prompt(seed=5).cuda()
+    ref = specdec.generate(model, prompt, max_new_tokens=NEW, cuda_graphs=False)
+    for _ in range(2):
+        drafter = _drafters(model, ref.new_tokens[0])[name]
+        out = specdec.generate(model, prompt, drafter=drafter, max_new_tokens=NEW, budget=6, compile=True)
+        assert out.new_tokens == ref.new_tokens
+    from specdec.cuda_graph import _RUNNERS
+
+    runner = _RUNNERS[model]
+    assert runner.compile is True and runner.disabled is None
+    assert all(b.graph is not None for b in runner._buckets.values())

@@ -52,8 +52,25 @@ def triton_tree_attention(module, query, key, value, meta: TreeAttentionMeta, sc
     if packed is None:  # e.g. prefill's causal chain: pack once here (N <= 128 bits per row)
         packed = pack_tree_mask(meta.tree_mask)
         meta.packed_mask = packed  # shared by every layer of this forward
-    out = tree_attention(query, key, value, meta.prefix_lens, packed, n_tree, scaling=scaling)
-    return out, None
+    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    if torch.compiler.is_compiling():  # torch.compile: one opaque op in the traced graph
+        return torch.ops.specdec.tree_attention(query, key, value, meta.prefix_lens, packed, n_tree, scale), None
+    return tree_attention(query, key, value, meta.prefix_lens, packed, n_tree, scaling=scale), None
+
+
+# The kernel as a PyTorch custom op, so that ``torch.compile`` (``generate(..., compile=True)``)
+# traces a whole target forward with the kernel in it as one opaque node instead of breaking the
+# graph at every layer. Eager calls bypass the op (no dispatcher overhead).
+@torch.library.custom_op("specdec::tree_attention", mutates_args=())
+def _tree_attention_op(q: Tensor, k: Tensor, v: Tensor, prefix_lens: Tensor, packed_mask: Tensor,
+                       n_tree: int, scale: float) -> Tensor:
+    return tree_attention(q, k, v, prefix_lens, packed_mask, n_tree, scaling=scale)
+
+
+@_tree_attention_op.register_fake
+def _(q, k, v, prefix_lens, packed_mask, n_tree, scale):
+    B, Hq, n, D = q.shape
+    return q.new_empty(B, n, Hq, D)  # [B, n, Hq, D]
 
 
 class TritonTreeVerifier(SDPAVerifier):
