@@ -212,36 +212,63 @@ class TurboLookaheadCache:
             cursors = s.cursors
             cursors.append(root)  # the window starting at this token
             uid = self._next_uid
-            for j, node in enumerate(cursors):
-                if node is None:
-                    continue
-                ch = node.children
-                if ch is None:
-                    ch = node.children = {}
-                    nxt = None
-                else:
-                    nxt = ch.get(tok)
-                if nxt is None:
-                    nxt = ch[tok] = _Node(uid, tok)
-                    uid += 1
-                    node.only = nxt if len(ch) == 1 else None
-                if prompt_side:
+            if not prompt_side:  # generated tokens: the path every timed update takes
+                for j, node in enumerate(cursors):
+                    if node is None:
+                        continue
+                    nxt = node.only
+                    if nxt is None or nxt.tok != tok:
+                        ch = node.children
+                        if ch is None:
+                            nxt = _Node(uid, tok)
+                            uid += 1
+                            node.children = {tok: nxt}
+                            node.only = nxt
+                        elif nxt is not None:  # the only child is another token's: a second child
+                            nxt = ch[tok] = _Node(uid, tok)
+                            uid += 1
+                            node.only = None
+                        else:
+                            nxt = ch.get(tok)
+                            if nxt is None:
+                                nxt = ch[tok] = _Node(uid, tok)
+                                uid += 1
+                    o = nxt.out + 1
+                    nxt.out = o
+                    x = nxt.x = o + pw * nxt.inp
+                    if node.order is not None:
+                        # the score rose (never fell), so the new entry outranks the child's old one
+                        pend = node.pending
+                        if pend is None:
+                            node.pending = [(x, nxt.uid, nxt)]
+                        else:
+                            pend.append((x, nxt.uid, nxt))
+                    cursors[j] = nxt
+            else:
+                for j, node in enumerate(cursors):
+                    if node is None:
+                        continue
+                    ch = node.children
+                    if ch is None:
+                        ch = node.children = {}
+                        nxt = None
+                    else:
+                        nxt = ch.get(tok)
+                    if nxt is None:
+                        nxt = ch[tok] = _Node(uid, tok)
+                        uid += 1
+                        node.only = nxt if len(ch) == 1 else None
                     i = nxt.inp + 1
                     nxt.inp = i
                     x = nxt.x = nxt.out + pw * i
                     prompt_nodes.append((node, nxt))
-                else:
-                    o = nxt.out + 1
-                    nxt.out = o
-                    x = nxt.x = o + pw * nxt.inp
-                if node.order is not None and (pw or not prompt_side):
-                    # the score rose (never fell), so the new entry outranks the child's old one
-                    pend = node.pending
-                    if pend is None:
-                        node.pending = [(x, nxt.uid, nxt)]
-                    else:
-                        pend.append((x, nxt.uid, nxt))
-                cursors[j] = nxt
+                    if node.order is not None and pw:
+                        pend = node.pending
+                        if pend is None:
+                            node.pending = [(x, nxt.uid, nxt)]
+                        else:
+                            pend.append((x, nxt.uid, nxt))
+                    cursors[j] = nxt
             self._count += uid - self._next_uid
             self._next_uid = uid
             if len(cursors) >= W:  # the oldest window is complete
