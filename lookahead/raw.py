@@ -97,29 +97,69 @@ class RawLookaheadCache:
         return Proposal(builder.tokens, builder.parents, match_len if builder.tokens else 0)
 
     def _expand(self, builder: _Builder, cands: list[int]) -> None:
-        """Best-first walk of the continuations of ``cands`` (ascending positions)."""
+        """Best-first walk of the continuations of ``cands`` (ascending positions).
+
+        Heap entries are ``(-count, -most recent position, depth, token, parent id, positions)``;
+        within one walk the first three never tie (at a given depth a position belongs to one
+        group), so the entries compare on them alone. A node with one continuation (all its
+        positions agree, e.g. a single candidate) hands it straight on when it beats every queued
+        entry (what ``heappushpop`` returns), without a dict of groups or a heap round trip.
+        """
         toks = self.tokens
         L = len(toks)
-        heap: list = []
+        budget = builder.budget
+        btoks, bpars, index = builder.tokens, builder.parents, builder._index
+        heappush, heappushpop, heappop = heapq.heappush, heapq.heappushpop, heapq.heappop
         groups: dict[int, list[int]] = {}
         for p in cands:  # p < L always: an indexed position was followed by a token
-            groups.setdefault(toks[p], []).append(p)
-        for tok, ps in groups.items():
-            # key: more branches first, then the most recent occurrence, then shallower
-            heap.append((-len(ps), -ps[-1], 1, tok, -1, ps))
+            g = groups.get(toks[p])
+            if g is None:
+                groups[toks[p]] = [p]
+            else:
+                g.append(p)
+        # key: more branches first, then the most recent occurrence, then shallower
+        heap = [(-len(ps), -ps[-1], 1, tok, -1, ps) for tok, ps in groups.items()]
         heapq.heapify(heap)
         depth_cap = self.branch_length
-        while heap:
-            _, _, depth, tok, parent, ps = heapq.heappop(heap)
-            nid = builder.add(parent, tok)
+        item = heappop(heap)
+        while True:
+            n_neg, last_neg, depth, tok, parent, ps = item
+            key = (parent, tok)
+            nid = index.get(key)
             if nid is None:
-                return  # budget spent; later entries are new nodes or children of new nodes
-            if depth >= depth_cap:
-                continue
-            groups = {}
-            for p in ps:
-                q = p + depth
-                if q < L:
-                    groups.setdefault(toks[q], []).append(p)
-            for t2, ps2 in groups.items():
-                heapq.heappush(heap, (-len(ps2), -ps2[-1], depth + 1, t2, nid, ps2))
+                nid = len(btoks)
+                if nid >= budget:
+                    return  # budget spent; later entries are new nodes or children of new nodes
+                btoks.append(tok)
+                bpars.append(parent)
+                index[key] = nid
+            item = None
+            if depth < depth_cap:
+                if n_neg == -1:  # one position: one continuation
+                    q = ps[0] + depth
+                    if q < L:
+                        item = (-1, last_neg, depth + 1, toks[q], nid, ps)
+                else:
+                    groups = {}
+                    for p in ps:
+                        q = p + depth
+                        if q < L:
+                            t2 = toks[q]
+                            g = groups.get(t2)
+                            if g is None:
+                                groups[t2] = [p]
+                            else:
+                                g.append(p)
+                    if len(groups) == 1:
+                        for t2, ps2 in groups.items():
+                            item = (-len(ps2), -ps2[-1], depth + 1, t2, nid, ps2)
+                    else:
+                        for t2, ps2 in groups.items():
+                            heappush(heap, (-len(ps2), -ps2[-1], depth + 1, t2, nid, ps2))
+            if item is not None:
+                if heap:
+                    item = heappushpop(heap, item)
+            elif heap:
+                item = heappop(heap)
+            else:
+                return
