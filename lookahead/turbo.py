@@ -54,11 +54,13 @@ _FORMAT = "specdec.turbo_lookahead/1"
 
 
 class _Node:
-    __slots__ = ("tok", "x", "only", "order", "pending", "children", "uid", "out", "inp")
+    __slots__ = ("tok", "x", "only", "order", "pending", "kids", "uid", "out", "inp")
 
     def __init__(self, uid: int, tok: int):
-        self.children: dict[int, _Node] | None = None
-        self.only: _Node | None = None  # the child when there is exactly one (the walk skips the dict)
+        # children: a leaf has neither; one child (most nodes: 9 in 10 of a warm trie) is ``only``,
+        # without a dict; two or more are ``kids``, token -> child (and ``only`` is None)
+        self.only: _Node | None = None
+        self.kids: dict[int, _Node] | None = None
         self.out = 0  # output-side frequency (an int until the first decay)
         self.inp = 0  # prompt-side frequency of the requests in flight
         self.x = 0  # score: always recomputed as out + prompt_weight * inp (never accumulated)
@@ -70,6 +72,27 @@ class _Node:
         # ``pending`` (merged in at the next query, a near-linear sort) instead of re-ranking.
         self.order: list[tuple] | None = None
         self.pending: list[tuple] | None = None
+
+    @property
+    def children(self) -> dict[int, "_Node"] | None:
+        """Token -> child (None for a leaf; a one-entry dict made on the fly for an only child)."""
+        if self.kids is not None:
+            return self.kids
+        c = self.only
+        return None if c is None else {c.tok: c}
+
+    def child(self, tok: int) -> "_Node | None":
+        c = self.only
+        if c is not None:
+            return c if c.tok == tok else None
+        kids = self.kids
+        return None if kids is None else kids.get(tok)
+
+    def child_nodes(self):
+        kids = self.kids
+        if kids is not None:
+            return kids.values()
+        return () if self.only is None else (self.only,)
 
     def __lt__(self, other: "_Node") -> bool:
         # the walk's heap entries are (-p, node, ...): on equal probabilities the newer node comes
@@ -217,17 +240,18 @@ class TurboLookaheadCache:
                     if node is None:
                         continue
                     nxt = node.only
-                    if nxt is None or nxt.tok != tok:
-                        ch = node.children
-                        if ch is None:
-                            nxt = _Node(uid, tok)
+                    if nxt is not None:
+                        if nxt.tok != tok:  # the only child is another token's: a second child
+                            new = _Node(uid, tok)
                             uid += 1
-                            node.children = {tok: nxt}
-                            node.only = nxt
-                        elif nxt is not None:  # the only child is another token's: a second child
-                            nxt = ch[tok] = _Node(uid, tok)
-                            uid += 1
+                            node.kids = {nxt.tok: nxt, tok: new}
                             node.only = None
+                            nxt = new
+                    else:
+                        ch = node.kids
+                        if ch is None:  # a leaf
+                            nxt = node.only = _Node(uid, tok)
+                            uid += 1
                         else:
                             nxt = ch.get(tok)
                             if nxt is None:
@@ -248,16 +272,17 @@ class TurboLookaheadCache:
                 for j, node in enumerate(cursors):
                     if node is None:
                         continue
-                    ch = node.children
-                    if ch is None:
-                        ch = node.children = {}
-                        nxt = None
-                    else:
-                        nxt = ch.get(tok)
+                    nxt = node.child(tok)
                     if nxt is None:
-                        nxt = ch[tok] = _Node(uid, tok)
+                        nxt = _Node(uid, tok)
                         uid += 1
-                        node.only = nxt if len(ch) == 1 else None
+                        if node.only is not None:
+                            node.kids = {node.only.tok: node.only, tok: nxt}
+                            node.only = None
+                        elif node.kids is not None:
+                            node.kids[tok] = nxt
+                        else:
+                            node.only = nxt
                     i = nxt.inp + 1
                     nxt.inp = i
                     x = nxt.x = nxt.out + pw * i
@@ -288,7 +313,7 @@ class TurboLookaheadCache:
             for t in tail[j:]:
                 if node is None:
                     break
-                node = node.children.get(t) if node.children else None
+                node = node.child(t)
             new.append(node)
         s.cursors = new
         s.epoch = self._epoch
@@ -305,11 +330,10 @@ class TurboLookaheadCache:
         stack = [self._root]
         while stack:
             node = stack.pop()
-            if node.children:
-                for c in node.children.values():
-                    scores.append(c.out + pw * c.inp)
-                    uids.append(c.uid)
-                    stack.append(c)
+            for c in node.child_nodes():
+                scores.append(c.out + pw * c.inp)
+                uids.append(c.uid)
+                stack.append(c)
         # the cut: every node whose (score, uid) is <= (thr_score, thr_uid), i.e. the k lowest
         k = len(scores) - target
         thr_score, thr_uid = float("-inf"), -1
@@ -326,9 +350,11 @@ class TurboLookaheadCache:
         stack = [self._root]
         while stack:
             node = stack.pop()
-            ch = node.children
-            if not ch:
-                continue
+            ch = node.kids
+            if ch is None:
+                if node.only is None:
+                    continue
+                ch = {node.only.tok: node.only}
             for tok in list(ch):
                 c = ch[tok]
                 x = c.out + pw * c.inp
@@ -340,11 +366,12 @@ class TurboLookaheadCache:
                 kept += 1
                 stack.append(c)
             node.order = node.pending = None  # rebuilt on demand (children removed, scores decayed)
-            if not ch:
-                node.children = node.only = None
-            elif len(ch) == 1:
+            node.only = node.kids = None
+            if len(ch) == 1:
                 for node.only in ch.values():
                     pass
+            elif ch:
+                node.kids = ch
         self._count = kept
         self._epoch += 1
         self.evictions += 1
@@ -372,10 +399,10 @@ class TurboLookaheadCache:
                 break
             node = self._root
             for t in ctx[L - n :]:
-                node = node.children.get(t) if node.children else None
+                node = node.child(t)
                 if node is None:
                     break
-            if node is None or not node.children:
+            if node is None or (node.only is None and node.kids is None):
                 continue
             if self._expand(builder, node):
                 match_len = match_len or n
@@ -465,7 +492,7 @@ class TurboLookaheadCache:
                 else:
                     sib = node.order
                     if sib is None or node.pending is not None:
-                        sib = ranked(node) if node.children else None
+                        sib = ranked(node) if node.kids is not None else None
                     if sib is None:  # a leaf
                         x = 0
                     else:
@@ -518,10 +545,10 @@ class TurboLookaheadCache:
                 break
             node = self._root
             for t in ctx[L - n :]:
-                node = node.children.get(t) if node.children else None
+                node = node.child(t)
                 if node is None:
                     break
-            if node is None or not node.children:
+            if node is None or (node.only is None and node.kids is None):
                 continue
             order = self._ranked(node)
             if not order or order[0][0] <= 0:
@@ -609,7 +636,7 @@ class TurboLookaheadCache:
                     else:
                         sib = node.order
                         if sib is None or node.pending is not None:
-                            sib = ranked(node) if node.children else None
+                            sib = ranked(node) if node.kids is not None else None
                         if sib is None:
                             x = 0
                         else:
@@ -645,14 +672,13 @@ class TurboLookaheadCache:
         """
         order = node.order
         if order is None:
-            order = node.order = sorted([(c.x, c.uid, c) for c in node.children.values()], reverse=True) \
-                if node.children else []
+            order = node.order = sorted([(c.x, c.uid, c) for c in node.child_nodes()], reverse=True)
             node.pending = None
         elif node.pending is not None:
             order += node.pending
             node.pending = None
-            if len(order) > 2 * len(node.children) + 8:
-                order = node.order = sorted([(c.x, c.uid, c) for c in node.children.values()], reverse=True)
+            if len(order) > 2 * (len(node.kids) if node.kids is not None else 1) + 8:
+                order = node.order = sorted([(c.x, c.uid, c) for c in node.child_nodes()], reverse=True)
             else:
                 order.sort(reverse=True)
         return order
@@ -663,9 +689,9 @@ class TurboLookaheadCache:
         n, stack = 0, [self._root]
         while stack:
             node = stack.pop()
-            if node.children:
-                n += len(node.children)
-                stack.extend(node.children.values())
+            kids = node.child_nodes()
+            n += len(kids)
+            stack.extend(kids)
         return n
 
     def save(self, path: str | Path) -> None:
@@ -679,13 +705,12 @@ class TurboLookaheadCache:
         stack = [(self._root, -1)]
         while stack:
             node, idx = stack.pop()
-            if node.children:
-                for tok, c in node.children.items():
-                    tokens.append(tok)
-                    parents.append(idx)
-                    outs.append(c.out)
-                    uids.append(c.uid)
-                    stack.append((c, len(tokens) - 1))
+            for c in node.child_nodes():
+                tokens.append(c.tok)
+                parents.append(idx)
+                outs.append(c.out)
+                uids.append(c.uid)
+                stack.append((c, len(tokens) - 1))
         doc = {
             "format": _FORMAT,
             "knobs": dict(min_match=self.min_match, max_match=self.max_match, branch_length=self.branch_length,
@@ -711,12 +736,13 @@ class TurboLookaheadCache:
             node.out = out
             node.x = out + cache._pw * node.inp
             parent = cache._root if par < 0 else nodes[par]
-            if parent.children is None:
-                parent.children = {}
-                parent.only = node
-            else:
+            if parent.kids is not None:
+                parent.kids[tok] = node
+            elif parent.only is not None:
+                parent.kids = {parent.only.tok: parent.only, tok: node}
                 parent.only = None
-            parent.children[tok] = node
+            else:
+                parent.only = node
             nodes.append(node)
         cache._count = len(nodes)
         cache._next_uid = doc["next_uid"]
