@@ -46,6 +46,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -377,13 +378,16 @@ def replay(side, output: list[int], budget: int, times: list | None = None) -> t
     return steps, drafted
 
 
-def replay_set(s: dict, budget: int, times: dict | None = None) -> tuple[dict, dict]:
+def replay_set(s: dict, budget: int, times: dict | None = None, gc_freeze: bool = False) -> tuple[dict, dict]:
     from lookahead.turbo import TurboLookaheadCache
 
     warm = TurboLookaheadCache()
     for q in s["warm"]:
         feed(warm, q)
     caches = {"turbo_cold": TurboLookaheadCache(), "turbo_warm": clone_cache(warm), "hybrid": clone_cache(warm)}
+    if gc_freeze:  # what a server would do after warm-up: the cyclic GC stops walking the warm tries
+        gc.collect()
+        gc.freeze()
     tallies = {m: Tally() for m in METHODS}
     first = {}
     for n, q in enumerate(s["eval"]):
@@ -505,7 +509,8 @@ def run_replay(doc: dict, args) -> dict:
         results = {}
         times: dict = {}
         for name, s in doc["sets"].items():
-            results[name], first = replay_set(s, budget, times if budget == args.timing_budget else None)
+            results[name], first = replay_set(s, budget, times if budget == args.timing_budget else None,
+                                              args.gc_freeze)
             if budget == args.budget:
                 rep["crosscheck"][name] = {
                     m: {"replay": first[m], "generate": {k: s["crosscheck"][m][k] for k in ("steps", "drafted")},
@@ -524,7 +529,8 @@ def run_replay(doc: dict, args) -> dict:
         print(json.dumps(verdict))
         if times:
             rep["timing_us"] = {}
-            print(f"\ncache operations per step (query at budget {budget} + update), this CPU, wall clock:")
+            print(f"\ncache operations per step (query at budget {budget} + update), this CPU, wall clock"
+                  f"{', gc.freeze() after the caches were built' if args.gc_freeze else ''}:")
             for m, ts in times.items():
                 us = sorted(t / 1e3 for t in ts)
                 row = {"median": statistics.median(us), "p90": us[int(0.9 * (len(us) - 1))],
@@ -561,6 +567,8 @@ def main(argv=None):
     ap.add_argument("--budget", type=int, default=16, help="draft nodes per tree")
     ap.add_argument("--timing-budget", type=int, default=64)
     ap.add_argument("--capacity-requests", type=int, default=10_000)
+    ap.add_argument("--gc-freeze", action="store_true",
+                    help="replay: gc.freeze() once each set's caches are built (no cyclic-GC walks of the warm tries)")
     ap.add_argument("--capacity", type=int, default=200_000)
     ap.add_argument("--prompt-dir", default=None, help="read <set>.jsonl (Spec-Bench format) from here")
     ap.add_argument("--crosscheck-tokens", type=int, default=0,
