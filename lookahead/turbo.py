@@ -33,8 +33,11 @@ Query cost. A query's work is its best-first walk (about one heap step per draft
 ranking of the children of the nodes it expands. A node keeps its ranked child list between
 queries; updates only queue the entries of children whose count rose, and the next query that
 expands the node merges them in (:meth:`TurboLookaheadCache._ranked`), so a wide node (a common
-token's continuations) is not re-scored child by child at every step. Measured figures (and what
-they are dominated by) are in ``notes/issue3.md``.
+token's continuations) is not re-scored child by child at every step. The rest is mostly memory
+traffic over the trie's objects, which the node layout keeps small (see ``_Node``: an only child
+without a dict, int scores until the first decay, one shared int object per token id). Hybrid's
+merge with Raw's proposal runs inside the walk (:meth:`TurboLookaheadCache.query_merged`).
+Measured figures are in ``notes/issue3.md``.
 """
 
 from __future__ import annotations
@@ -383,7 +386,7 @@ class TurboLookaheadCache:
 
         For n = ``max_match`` down to ``min_match`` while budget remains: find the node of the
         context's last n tokens and add its subtree best-first by estimated path probability
-        (see :meth:`_expand`), at most ``branch_length`` deep; nodes already in the tree are merged.
+        (see :meth:`_walk`), at most ``branch_length`` deep; nodes already in the tree are merged.
         """
         check_budget(budget)
         builder = _Builder(budget)
@@ -404,12 +407,24 @@ class TurboLookaheadCache:
                     break
             if node is None or (node.only is None and node.kids is None):
                 continue
-            if self._expand(builder, node):
-                match_len = match_len or n
+            order = self._ranked(node)
+            if not order or order[0][0] <= 0:  # (the first entry is never stale after _ranked)
+                continue
+            match_len = match_len or n
+            toks = builder.tokens
+            if not toks:  # a fresh tree: nothing can merge, no index
+                self._walk(builder, node, order, None)
+                continue
+            index = builder._index
+            if len(index) < len(toks):  # the previous pass was a fresh one: build its merge index now
+                index.update(zip(zip(builder.parents, toks), range(len(toks))))
+            self._walk(builder, node, order, index)
         return Proposal(builder.tokens, builder.parents, match_len if builder.tokens else 0)
 
-    def _expand(self, builder: _Builder, start: _Node) -> bool:
-        """Best-first walk of ``start``'s subtree into ``builder`` (the hot path: inlined).
+    def _walk(self, builder: _Builder, start: _Node, order: list, index: dict | None) -> None:
+        """Best-first walk of ``start``'s subtree (``order``: its ranked children) into
+        ``builder``; ``index`` is the tree's merge index, or None for a walk into an empty tree
+        (no node can merge there).
 
         Nodes rank by an estimate of the probability that the target reaches them: the product,
         along the path, of ``score(child) / (score(parent) + 1)`` (the +1 discounts contexts seen
@@ -423,26 +438,8 @@ class TurboLookaheadCache:
         best child enters the heap; popping an entry queues its next sibling. The heap never holds
         more than one entry per expanded node, and the pop order (hence the tree) is the same as
         queueing every child at once. So a proposal at budget k is exactly the first k nodes of the
-        proposal at any larger budget. A child that beats every queued entry is taken at once,
-        without a round trip through the heap (``heappushpop``), and the first pass (an empty
-        tree, where nothing can merge) skips the merge index.
-        """
-        order = self._ranked(start)
-        if not order or order[0][0] <= 0:  # (the first entry is never stale after _ranked)
-            return False
-        toks, pars = builder.tokens, builder.parents
-        if not toks:
-            self._walk(builder, start, order, None)
-            return True
-        index = builder._index
-        if len(index) < len(toks):  # the previous pass was a fresh one: build its merge index now
-            index.update(zip(zip(pars, toks), range(len(toks))))
-        self._walk(builder, start, order, index)
-        return True
-
-    def _walk(self, builder: _Builder, start: _Node, order: list, index: dict | None) -> None:
-        """The best-first walk of :meth:`_expand`; ``index`` is the tree's merge index, or None
-        for a walk into an empty tree (no node can merge there).
+        proposal at any larger budget. The first pass (an empty tree, where nothing can merge)
+        skips the merge index.
 
         The current entry lives in locals: ``neg_p`` (minus the path probability), ``depth``,
         ``parent`` (its parent's id in the tree), ``node``, and its siblings' ``f`` (shared factor),
