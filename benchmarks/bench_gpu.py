@@ -289,12 +289,12 @@ def load_smollm2(args, device):
     if args.smollm2_gguf:
         p = Path(args.smollm2_gguf)
         tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=getattr(torch, args.smollm2_dtype))
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.hf_quantizer = None
         return model.to(device).eval(), tok
-    return specdec.load_model("smollm2-135m", device=device)
+    return specdec.load_model("smollm2-135m", dtype=args.smollm2_dtype, device=device)
 
 
 def mtbench_first_turns(args) -> list[str]:
@@ -313,7 +313,7 @@ def bench_smollm2(args, graphs: Graphs, device) -> None:
 
     t0 = time.perf_counter()
     model, tok = load_smollm2(args, device)
-    R = RESULTS["smollm2"] = {"load_s": time.perf_counter() - t0, "dtype": "float32", "new_tokens": args.new,
+    R = RESULTS["smollm2"] = {"load_s": time.perf_counter() - t0, "dtype": args.smollm2_dtype, "new_tokens": args.new,
                               "prompts": args.prompts}
     log(f"SmolLM2 loaded in {R['load_s']:.1f}s")
     turns = mtbench_first_turns(args)
@@ -537,6 +537,9 @@ def main(argv=None):
     ap.add_argument("--skip-smollm2", action="store_true")
     ap.add_argument("--smollm2-gguf", default=None, help="GGUF file (default: the packaged model)")
     ap.add_argument("--mtbench", default=None, help="MT-bench question.jsonl (default: the installed package)")
+    ap.add_argument("--smollm2-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                    help="SmolLM2 weights/activations (float32: specdec == HF greedy exactly; 16-bit: the "
+                         "equality columns measure how often the two agree)")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--prompt-len-8b", type=int, default=128)

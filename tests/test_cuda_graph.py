@@ -207,7 +207,10 @@ def test_runner_compiled_forward_matches_eager_cpu(verifier_name):
     the runner commits exactly the eager loop's tokens; the first bucket is static, the second
     recompiles with the tree size symbolic and then serves every later bucket."""
     from verifiers import TritonTreeVerifier
+    from verifiers.triton_tree import _triton_can_run
 
+    if verifier_name == "triton" and not _triton_can_run(torch.zeros(1)):
+        pytest.skip("the Triton kernel runs on CPU tensors only under TRITON_INTERPRET=1")
     model = tiny_model("llama", seed=3)
     verifier = SDPAVerifier() if verifier_name == "sdpa" else TritonTreeVerifier()
     prompt = _prompt(seed=5)
