@@ -94,6 +94,9 @@ def main(argv=None):
     ap.add_argument("--budget", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2, help="replays of the whole evaluation")
     ap.add_argument("--gc-freeze", action="store_true", help="gc.freeze() once each set's caches are built")
+    ap.add_argument("--loaded", action="store_true",
+                    help="warm caches saved and loaded before the replay (as bench_lookahead.py replay does) "
+                         "instead of used as fed")
     args = ap.parse_args(argv)
 
     from benchmarks.bench_lookahead import feed, replay
@@ -113,6 +116,10 @@ def main(argv=None):
                         caches[v][m] = c = mods["turbo"].TurboLookaheadCache()
                         for q in s["warm"]:
                             feed(c, q)
+                        if args.loaded:  # as bench_lookahead's replay: a saved and loaded copy
+                            path = Path(d) / f"{m}.json"
+                            c.save(path)
+                            caches[v][m] = mods["turbo"].TurboLookaheadCache.load(path)
                 if args.gc_freeze:
                     gc.collect()
                     gc.freeze()
@@ -128,7 +135,8 @@ def main(argv=None):
                                 accepted[(m, v)] = accepted.get((m, v), 0) + len(q["output"]) - 1 - steps
     print(f"per-step cost (query at budget {args.budget} + update), wall clock, {args.repeats} replays, "
           f"interleaved request by request; reference {args.reference}"
-          f"{'; gc.freeze() after the caches were built' if args.gc_freeze else ''}")
+          f"{'; gc.freeze() after the caches were built' if args.gc_freeze else ''}"
+          f"{'; warm caches saved + loaded' if args.loaded else ''}")
     for m in METHODS:
         for v in versions:
             us = sorted(t / 1e3 for t in times[(m, v)])
