@@ -289,6 +289,7 @@ def pick_config(n_q: int, group: int, head_dim: int, dtype: torch.dtype) -> dict
     * ``waves``, ``fill``: the default number of split-K programs aims at ``waves`` programs per SM,
       rounded down (``"floor"``: no SM gets two) or up (``"ceil"``);
     * ``min_tiles``: at least this many key tiles per split (counted on the host view);
+    * ``max_splits``: at most this many splits (``"legacy"`` policy; default 64);
     * ``tree_split``: ``"none"`` (prefix + tree keys cut into equal chunks), ``"first"`` / ``"last"``
       (whole prefix tiles over all programs but one; the tree keys alone in the first / last),
       ``"legacy"`` (prefix chunks sized on the host view, the tree keys after the last split's
@@ -306,6 +307,12 @@ def pick_config(n_q: int, group: int, head_dim: int, dtype: torch.dtype) -> dict
     are 5-25 % faster than the previous kernel at every prefix.
     """
     m = n_q * group
+    if dtype == torch.float32 and m <= 64:
+        # fp32 (IEEE dots on FMA units): 128-key tiles cost registers, not bandwidth, and the
+        # host-view tile rule left one split for short views (26.6 us at a 256-token prefix for
+        # SmolLM2's 9/3 heads, D 64); 32-key tiles and up to 16 splits: 6.7 us (H200 sweep, notes/issue6.md)
+        return dict(BLOCK_M=16 if m <= 16 else (32 if m <= 32 else 64), BLOCK_N=32, num_warps=4, num_stages=2,
+                    waves=2, fill="ceil", min_tiles=1, max_splits=16, tree_split="legacy", combine="kernel", pdl=False)
     # few queries: the split policy and launch shapes of the previous kernel (host-sized prefix
     # chunks, tree keys at the end of the last split): faster than every new policy in the final
     # H200 run at prefixes up to 8k (notes/issue5.md)
@@ -408,7 +415,7 @@ def tree_attention(
         pb = triton.cdiv(prefix_bound, BLOCK_N)  # prefix tiles of the host view
         if num_splits is None:
             want = triton.cdiv(int(cfg.get("waves", 2) * _num_sms(q.device)), per_split)
-            num_splits = max(1, min(want, triton.cdiv(pb, cfg.get("min_tiles", 4)), 64))
+            num_splits = max(1, min(want, triton.cdiv(pb, cfg.get("min_tiles", 4)), cfg.get("max_splits", 64)))
         num_splits = max(1, min(int(num_splits), max(pb, 1)))
         chunk = triton.cdiv(pb, num_splits) * BLOCK_N if pb else BLOCK_N
         num_splits = max(1, triton.cdiv(prefix_bound, chunk)) if pb else 1
