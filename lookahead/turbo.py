@@ -206,11 +206,29 @@ class TurboLookaheadCache:
             parent.order = parent.pending = None  # a score went down: rank again from scratch
 
     def warm_up(self, sequences: Iterable[Sequence[int]]) -> None:
-        """Index a corpus of token sequences (e.g. earlier outputs) as output-side statistics."""
+        """Index a corpus of token sequences (e.g. earlier outputs) as output-side statistics,
+        then rank the children of every node (:meth:`rank_all`)."""
         for seq in sequences:
             h = self.begin(())
             self.extend(h, seq)
             self.end(h)
+        self.rank_all()
+
+    def rank_all(self) -> None:
+        """Rank the children of every node that has several (what the first query to expand each
+        would do, see :meth:`_ranked`), so queries after a warm-up or a :meth:`load` do not pay
+        for it. Changes no proposal; O(nodes): about a tenth of the time the warm-up took."""
+        ranked = self._ranked
+        stack = list(self._root.child_nodes())  # (the root itself is never expanded)
+        while stack:
+            node = stack.pop()
+            while node.only is not None:  # down a chain of only children
+                node = node.only
+            if node.kids is None:
+                continue
+            if node.order is None or node.pending is not None:
+                ranked(node)
+            stack.extend(node.kids.values())
 
     def _stream(self, handle: int) -> _Stream:
         s = self._streams.get(handle)
@@ -744,4 +762,5 @@ class TurboLookaheadCache:
         cache._count = len(nodes)
         cache._next_uid = doc["next_uid"]
         cache.evictions = doc["evictions"]
+        cache.rank_all()
         return cache
