@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 import specdec
-from specdec.cuda_graph import DEFAULT_BUCKETS, CUDAGraphRunner, _RUNNERS
+from specdec.cuda_graph import DEFAULT_BUCKETS, CUDAGraphRunner, _RUNNERS, bucket_for
 from specdec.generate import verify_step
 
 RESULTS: dict = {}
@@ -350,6 +350,12 @@ def bench_smollm2(args, graphs: Graphs, device) -> None:
         try:
             specdec.generate(model, prompts[0], drafter=make_drafter(), max_new_tokens=min(16, args.new), budget=budget,
                              verifier=verifier, **gk)  # warm-up: captures the buckets (and compiles)
+            runner = graphs.runner(model, compiled) if graphed else None
+            if runner is not None and budget:  # every verify bucket a tree of this budget can use: captured now
+                for nb in runner.buckets:
+                    if 1 < nb <= (bucket_for(budget + 1, runner.buckets) or 0):
+                        runner._bucket(nb, root_only=False)
+            n_verify = len(runner._buckets) if runner is not None else 0
             dg = getattr(make_drafter(), "graphs", None)  # the drafter's own graphs (specdec.draft_graphs)
             if dg is not None:  # warm up every catch-up length / level shape before timing
                 for p in prompts[:2]:
@@ -370,6 +376,8 @@ def bench_smollm2(args, graphs: Graphs, device) -> None:
             tau = sum(t * n for t, n in taus) / max(sum(n for _, n in taus), 1)
             rows[name] = dict(tpot_s=sum(tp) / len(tp), tau=tau, tokens=toks, budget=budget, compiled=compiled,
                               draft_per_step_s=drafts / max(steps, 1), verify_per_step_s=verifs / max(steps, 1))
+            if runner is not None:
+                rows[name]["verify_graphs_captured_while_timed"] = len(runner._buckets) - n_verify
             if dg is not None:
                 rows[name]["draft_graphs"] = dict(
                     captured=len(dg.stats.captures), captured_while_timed=len(dg.stats.captures) - n_capt,

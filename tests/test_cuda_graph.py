@@ -165,18 +165,20 @@ def test_tree_larger_than_every_bucket_runs_eagerly():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("name", ["ar", "replay-chain", "replay-tree", "draft-tree"])
 def test_graph_replay_matches_eager_cuda(name):
-    model = tiny_model("llama").cuda()
+    import copy  # the lru-cached CPU model must stay on the CPU for the other tests of the session
+
+    model = copy.deepcopy(tiny_model("llama")).cuda()
     prompt = _prompt(seed=5).cuda()
     ref = specdec.generate(model, prompt, max_new_tokens=NEW, cuda_graphs=False)
     cont = ref.new_tokens[0]
     for _ in range(2):
         drafter = _drafters(model, cont)[name]
         if isinstance(drafter, DraftModel):
-            drafter = DraftModel(tiny_model("llama", seed=7).cuda(), depth=3, branching=2, width=2)
+            drafter = DraftModel(copy.deepcopy(tiny_model("llama", seed=7)).cuda(), depth=3, branching=2, width=2)
         eager = specdec.generate(model, prompt, drafter=drafter, max_new_tokens=NEW, budget=6, cuda_graphs=False)
         drafter = _drafters(model, cont)[name]
         if isinstance(drafter, DraftModel):
-            drafter = DraftModel(tiny_model("llama", seed=7).cuda(), depth=3, branching=2, width=2)
+            drafter = DraftModel(copy.deepcopy(tiny_model("llama", seed=7)).cuda(), depth=3, branching=2, width=2)
         graphed = specdec.generate(model, prompt, drafter=drafter, max_new_tokens=NEW, budget=6, cuda_graphs=True)
         assert graphed.new_tokens == eager.new_tokens == ref.new_tokens
         assert graphed.stats.accepted_per_depth == eager.stats.accepted_per_depth
