@@ -5,19 +5,20 @@ al., 2023, https://arxiv.org/abs/2302.01318) with chain drafts, or token trees g
 (SpecInfer, https://arxiv.org/abs/2305.09781; EAGLE-2's confidence-ranked expansion,
 https://arxiv.org/abs/2406.16858, for greedy decoding).
 
-The draft keeps its own :class:`~specdec.StaticTreeCache`. Each ``propose``:
+The draft keeps its own :class:`~specdec.StaticTreeCache`. ``prefill`` runs the prompt through
+the draft as one chain (its K/V committed in the draft cache). Each ``propose``:
   1. catch-up: one forward of the tokens committed since the last call (accepted drafts + bonus,
      the root last) as a chain; they are committed in the draft cache;
   2. expand: ``depth - 1`` more forwards, one per tree level, each over that level's frontier with
      the tree mask, writing to scratch slots that the next catch-up overwrites.
 
 CUDA graphs (``cuda_graphs``, default on when the draft model is on CUDA; :mod:`specdec.draft_graphs`):
-with a greedy target, a propose whose catch-up chain is at most ``depth + 1`` tokens long (every
-step after the first) is ONE graph replay per chain length ``n``: catch-up forward + the
-``depth - 1`` level forwards + the tree growing, all over a fixed view of every draft-cache slot
+with a greedy target, every propose (its catch-up chain is at most ``depth + 1`` tokens long, the
+prompt having been caught up in ``prefill``) is ONE graph replay per chain length ``n``: catch-up
+forward + the ``depth - 1`` level forwards + the tree growing, all over a fixed view of every draft-cache slot
 (masked on the device). The draft cache then has ``max_len`` rounded up to 512 and is kept across
-``generate`` calls that fit, so the graphs are reused; a new cache drops them. Sampling targets and
-the first catch-up (the whole prompt) run the eager path.
+``generate`` calls that fit, so the graphs are reused; a new cache drops them. Sampling targets run
+the eager path.
 
 Greedy target: children are the draft's top-``branching`` tokens and the frontier keeps the
 ``width`` most probable paths. Sampling target: children are drawn from the draft distribution
@@ -121,6 +122,16 @@ class DraftModel:
             else:
                 self.cache.reset()
         self._host_len = [0] * B
+        self._catch_up_prompt(state)
+
+    def _catch_up_prompt(self, state: DecodeState) -> None:
+        """0. The prompt's K/V into the draft cache now (one eager chain forward), so that every
+        propose of the call feeds at most ``depth + 1`` tokens: with graphs, every propose is a
+        replay (without this, the first one fed the whole prompt eagerly)."""
+        B, T = state.batch_size, state.prompt_len
+        t = torch.full((B,), T, dtype=torch.long, device=state.device)  # [B]
+        self._catch_up(state, t - T, t, t, T, T)
+        self._host_len = [T] * B
 
     def observe(self, state: DecodeState, accepted: AcceptResult) -> None:
         pass  # the next catch-up forward feeds what was committed

@@ -91,25 +91,31 @@ def test_static_path_matches_eager_cpu(name):
     assert eager_d.graphs is None
     static_d = _make(name, model, "static")
     runner = CUDAGraphRunner(model, SDPAVerifier(), verify_step, 1, 256, buckets=(1, 4, 8), capture=False)
+    steps = 0
     for verify_graphs in (False, runner, runner):  # eager verify, then a static runner twice (shared buffers)
         static_trees = _record(static_d)
         out = specdec.generate(model, prompt, drafter=static_d, max_new_tokens=NEW, budget=6, verifier=SDPAVerifier(),
                                cuda_graphs=verify_graphs)
         static_d.propose = type(static_d).propose.__get__(static_d)  # unwrap for the next call
+        steps += out.stats.verify_steps
         assert out.new_tokens == eager.new_tokens == ref.new_tokens
         assert out.stats.accepted_per_depth == eager.stats.accepted_per_depth
         _same_trees(static_trees, eager_trees)
     g = static_d.graphs
     assert isinstance(g, DraftGraphs) and not g.capture and len(g) > 0 and g.stats.static_runs > 0
     if isinstance(static_d, DraftModel):
+        # every propose ran the static path (the prompt is caught up in prefill)
+        assert g.stats.static_runs == steps
         first_cache = static_d.cache
         specdec.generate(model, prompt, drafter=static_d, max_new_tokens=8, budget=6, verifier=SDPAVerifier(),
                          cuda_graphs=runner)
         assert static_d.cache is first_cache  # kept across calls that fit (graphs stay valid)
-        # every step after the first ran the static path, keyed by its catch-up length
+        # keyed by the catch-up length
         assert all(k[0] <= static_d.depth + 1 for k in g._entries)
     if name == "draft-self-chain":
-        assert {k[0] for k in g._entries} == {static_d.depth + 1}  # self-draft: every draft accepted
+        # self-draft: every draft accepted, so every catch-up is depth + 1 long but the first one of a
+        # call (the root alone: the prompt was caught up in prefill)
+        assert {k[0] for k in g._entries} == {1, static_d.depth + 1}
     if name == "draft-other-tree":
         assert len({k[0] for k in g._entries}) >= 2  # several catch-up lengths -> one entry each
 
