@@ -70,7 +70,8 @@ class DraftModel:
         branching: children per expanded node (1 = chain).
         width: frontier nodes kept per level (default ``branching``).
         tokenizer, target_tokenizer: optional, to check the two tokenizers agree id for id.
-        backend: attention backend for the draft's forwards.
+        backend: attention backend for the draft's forwards; default (None): the default verifier's
+            for the draft model's device (the Triton tree kernel on CUDA, SDPA elsewhere).
         cuda_graphs: replay each greedy draft step as a CUDA graph (:mod:`specdec.draft_graphs`).
             ``None`` (default): on when the draft model is on CUDA (a failed capture warns once and
             drafts eagerly); ``True``: required (CUDA only; a failed capture raises); ``False``: the
@@ -79,7 +80,7 @@ class DraftModel:
     """
 
     def __init__(self, model, depth: int = 4, branching: int = 1, width: int | None = None, tokenizer=None,
-                 target_tokenizer=None, backend=sdpa_tree_attention, cuda_graphs: bool | str | None = None):
+                 target_tokenizer=None, backend=None, cuda_graphs: bool | str | None = None):
         if depth < 1 or branching < 1:
             raise ValueError("depth and branching must be >= 1")
         self.model = model
@@ -89,6 +90,7 @@ class DraftModel:
         self.tokenizer = tokenizer
         self.target_tokenizer = target_tokenizer
         self.backend = backend
+        self._backend = backend or sdpa_tree_attention  # resolved per device in prefill when None
         self.cache: StaticTreeCache | None = None
         self._host_len: list[int] = []
         if not (cuda_graphs is None or isinstance(cuda_graphs, bool) or cuda_graphs == "static"):
@@ -108,6 +110,10 @@ class DraftModel:
         self.check(state.target)
         p = next(self.model.parameters())
         B, need = state.batch_size, state.max_total_len + 1
+        if self.backend is None:
+            from specdec.generate import default_verifier
+
+            self._backend = default_verifier(p.device).backend
         mode = graph_mode(self.cuda_graphs, p.device)
         if mode == "eager":
             self.cache = StaticTreeCache(self.model.config, B, need, p.dtype, state.device)
@@ -176,7 +182,7 @@ class DraftModel:
         idx = (start.unsqueeze(1) + ar).clamp(max=state.sequences.shape[1] - 1)
         chain = state.sequences.gather(1, idx)  # [B, n] (rows with fewer tokens carry padding at the end)
         out = tree_forward(self.model, cache, chain, causal_chain_mask(B, n, dev), ar.expand(B, n), view_len,
-                           self.backend)
+                           self._backend)
         cache.advance(com)
         V = out.logits.shape[-1]
         return out.logits.gather(1, (cnt - 1).view(B, 1, 1).expand(B, 1, V)).squeeze(1)
@@ -192,7 +198,7 @@ class DraftModel:
             anc = tree.ancestor_mask[:, 1:, 1:]  # [B, M, M] ancestry among draft nodes
             return tree_forward(
                 self.model, cache, new_tok, anc.gather(1, (frontier - 1).unsqueeze(-1).expand(B, keep, M)),
-                tree.depths[:, 1:] - 1, view_len_of(M), self.backend, query_nodes=frontier - 1,
+                tree.depths[:, 1:] - 1, view_len_of(M), self._backend, query_nodes=frontier - 1,
             ).logits  # [B, keep, V]
 
         return forward_level

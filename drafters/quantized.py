@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from specdec.attention import sdpa_tree_attention
 
 from .draft_model import DraftModel
 from .kernels.quant_matmul import (
@@ -216,14 +215,14 @@ class QuantizedCopy(DraftModel):
         quantize_head: also quantize the LM head (default; it is the largest matrix of small models).
         cache_dequantized: non-CUDA path caches the dequantized weights (default: on when the target
             is not on CUDA).
-        backend: attention backend for the draft's forwards.
+        backend: attention backend for the draft's forwards (default: by device, see :class:`DraftModel`).
         cuda_graphs: replay each greedy draft step as a CUDA graph (see :class:`DraftModel`;
             the Triton W8A16 / W4A16 kernels are captured with the rest of the forward).
     """
 
     def __init__(self, target, bits: int = 8, group_size: int = 128, depth: int = 4, branching: int = 1,
                  width: int | None = None, *, quantize_head: bool = True, cache_dequantized: bool | None = None,
-                 backend=sdpa_tree_attention, cuda_graphs: bool | str | None = None):
+                 backend=None, cuda_graphs: bool | str | None = None):
         check_quant_args(bits, group_size)
         model = quantize_model_copy(target, bits, group_size, quantize_head, cache_dequantized)
         super().__init__(model, depth=depth, branching=branching, width=width, backend=backend, cuda_graphs=cuda_graphs)
