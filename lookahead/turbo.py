@@ -410,14 +410,30 @@ class TurboLookaheadCache:
         builder = _Builder(budget)
         if budget == 0:
             return Proposal()
-        L = len(context)
         match_len = 0
+        for n, node, order in self._matches(context):
+            match_len = match_len or n
+            toks = builder.tokens
+            if not toks:  # a fresh tree: nothing can merge, no index
+                self._walk(builder, node, order, None)
+            else:
+                index = builder._index
+                if len(index) < len(toks):  # the previous pass was a fresh one: build its merge index now
+                    index.update(zip(zip(builder.parents, toks), range(len(toks))))
+                self._walk(builder, node, order, index)
+            if builder.full:
+                break
+        return Proposal(builder.tokens, builder.parents, match_len if builder.tokens else 0)
+
+    def _matches(self, context: Sequence[int]):
+        """``(n, node, ranked children)`` for each suffix of ``context``, ``max_match`` down to
+        ``min_match`` tokens long, whose trie node has a child with a positive score (generated
+        lazily: a query that fills its tree stops looking up shorter suffixes)."""
+        L = len(context)
         tok_id = self._tok_ids.get
         ctx = [tok_id(t, t) for t in map(int, context[max(0, L - self.max_match) :])]
         L = len(ctx)
         for n in range(min(self.max_match, L), self.min_match - 1, -1):
-            if builder.full:
-                break
             node = self._root
             for t in ctx[L - n :]:
                 node = node.child(t)
@@ -428,16 +444,7 @@ class TurboLookaheadCache:
             order = self._ranked(node)
             if not order or order[0][0] <= 0:  # (the first entry is never stale after _ranked)
                 continue
-            match_len = match_len or n
-            toks = builder.tokens
-            if not toks:  # a fresh tree: nothing can merge, no index
-                self._walk(builder, node, order, None)
-                continue
-            index = builder._index
-            if len(index) < len(toks):  # the previous pass was a fresh one: build its merge index now
-                index.update(zip(zip(builder.parents, toks), range(len(toks))))
-            self._walk(builder, node, order, index)
-        return Proposal(builder.tokens, builder.parents, match_len if builder.tokens else 0)
+            yield n, node, order
 
     def _walk(self, builder: _Builder, start: _Node, order: list, index: dict | None) -> None:
         """Best-first walk of ``start``'s subtree (``order``: its ranked children) into
@@ -550,27 +557,13 @@ class TurboLookaheadCache:
         fmap = [-2] * len(first.tokens) + [-1]  # first's node -> merged node (-2: cut); root slot
         state = [0, toks, pars, index, in_turbo, first.tokens, first.parents, fmap]  # [0]: Turbo's rank count
         match_len = 0
-        L = len(context)
-        tok_id = self._tok_ids.get
-        ctx = [tok_id(t, t) for t in map(int, context[max(0, L - self.max_match) :])]
-        L = len(ctx)
         full = False
-        for n in range(min(self.max_match, L), self.min_match - 1, -1):
-            if state[0] >= budget:
-                break
-            node = self._root
-            for t in ctx[L - n :]:
-                node = node.child(t)
-                if node is None:
-                    break
-            if node is None or (node.only is None and node.kids is None):
-                continue
-            order = self._ranked(node)
-            if not order or order[0][0] <= 0:
-                continue
+        for n, node, order in self._matches(context):
             match_len = match_len or n
             if self._walk_merged(budget, node, order, state):
                 full = True
+                break
+            if state[0] >= budget:
                 break
         if not full:  # first's ranks that Turbo's did not reach
             ftoks, fpars = first.tokens, first.parents
