@@ -585,7 +585,8 @@ class TurboLookaheadCache:
 
     def _walk_merged(self, budget: int, start: _Node, order: list, state: list) -> bool:
         """:meth:`_walk` writing into the merged tree of :meth:`query_merged`; True when that tree
-        is full."""
+        is full. The sibling queueing and heap steps repeat :meth:`_walk`'s on purpose: a shared
+        per-node generator or callback would add a call per walked node on the per-step hot path."""
         tcount, toks, pars, index, in_turbo, ftoks, fpars, fmap = state
         nfirst = len(ftoks)
         heappush, heappushpop, heappop = heapq.heappush, heapq.heappushpop, heapq.heappop
