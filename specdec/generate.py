@@ -238,7 +238,7 @@ def generate(
     cache: StaticTreeCache | None = None,
     on_step: Callable[[DecodeState, AcceptResult], None] | None = None,
     cuda_graphs=None,
-    compile: bool | str = False,
+    compile=False,
 ) -> GenerateOutput:
     """Decode ``max_new_tokens`` tokens from ``target``, speculatively when a drafter is given.
 
@@ -261,11 +261,11 @@ def generate(
             ``cache`` passed in; ``True``: required (raises where unsupported); ``False``: eager; or a
             :class:`~specdec.cuda_graph.CUDAGraphRunner` to use (own buckets; ``capture=False`` runs
             the same padded static-buffer steps eagerly, e.g. on CPU).
-        compile: ``True`` (or a ``torch.compile`` backend name): the target's forward inside the
-            captured steps is ``torch.compile``-d (fused norms, rotary, activations; see
-            :mod:`specdec.cuda_graph`). Each tree-size bucket compiles at its first capture (seconds
-            to a minute); tokens equal the uncompiled steps' up to float rounding of the fused ops.
-            Needs the CUDA-graph runner (CUDA target, greedy, no ``cache``).
+        compile: ``True`` (or a ``torch.compile`` backend name or callable): the target's forward
+            inside the captured steps is ``torch.compile``-d (fused norms, rotary, activations; see
+            :mod:`specdec.cuda_graph`). Two compilations per model, at the first two buckets' captures
+            (tens of seconds each for an 8B model); tokens equal the uncompiled steps' up to float
+            rounding of the fused ops. Needs the CUDA-graph runner (CUDA target, greedy, no ``cache``).
     Returns:
         :class:`GenerateOutput` with ``.sequences`` ``[B, T + new]`` and ``.stats``.
     """
