@@ -90,7 +90,12 @@ def _ar(setup: Setup, cfg, ids: torch.Tensor, max_new_tokens: int):
     from specdec import generate
 
     return generate(setup.target, ids, drafter=None, verifier=setup.verifier, max_new_tokens=max_new_tokens,
-                    temperature=0.0, tokenizer=setup.tokenizer)
+                    temperature=0.0, tokenizer=setup.tokenizer, **_graph_kwargs(cfg))
+
+
+def _graph_kwargs(cfg) -> dict:
+    """``cuda_graphs`` / ``compile`` of the run (GPU fast path, docs/gpu.md)."""
+    return dict(cuda_graphs=cfg.get("cuda_graphs", None), compile=cfg.get("compile", False))
 
 
 def _decode_turn(setup: Setup, cfg, ids: torch.Tensor, shared_drafter, gen: torch.Generator, max_new_tokens: int,
@@ -105,7 +110,7 @@ def _decode_turn(setup: Setup, cfg, ids: torch.Tensor, shared_drafter, gen: torc
     out = generate(
         setup.target, ids, drafter=drafter, verifier=setup.verifier, max_new_tokens=max_new_tokens,
         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=gen,
-        budget=cfg.budget if drafter is not None else 0, tokenizer=setup.tokenizer,
+        budget=cfg.budget if drafter is not None else 0, tokenizer=setup.tokenizer, **_graph_kwargs(cfg),
     )
     return out, ar
 

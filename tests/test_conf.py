@@ -36,6 +36,22 @@ def test_default_config_composes_with_top_level_keys():
     assert cfg.drafter is None
 
 
+def test_gpu_fast_path_keys_reach_generate():
+    """``cuda_graphs`` / ``compile`` go to generate(); on CPU, compile=true is one clear input error."""
+    from experiments.run import _ar, _graph_kwargs, build
+    from specdec import SpecDecInputError
+
+    assert _graph_kwargs(compose([])) == dict(cuda_graphs=None, compile=False)
+    cfg = compose(TINY + ["cuda_graphs=false", "compile=true", "dataset.limit=1"])
+    assert _graph_kwargs(cfg) == dict(cuda_graphs=False, compile=True)
+    setup = build(cfg)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with pytest.raises(SpecDecInputError, match="compile"):
+        _ar(setup, cfg, ids, 4)
+    cfg = compose(TINY + ["cuda_graphs=false", "dataset.limit=1"])
+    assert len(_ar(setup, cfg, ids, 4).new_tokens[0]) == 4  # the same objects decode afterwards
+
+
 @pytest.mark.parametrize("opt", options("model"))
 def test_model_nodes(opt):
     cfg = compose([f"model={opt}"] + (["model.name_or_path=some/model"] if opt == "hf" else []))
