@@ -33,7 +33,16 @@ def kv_shape_from_config(config) -> tuple[int, int, int]:
 
 
 def _kv_write(kv: Tensor, layer_idx: int, slots: Tensor, key: Tensor, value: Tensor) -> None:
-    """Scatter ``[B, H_kv, n, D]`` new K/V of one layer into ``kv`` at ``slots`` ``[B, n]`` (in place)."""
+    """Scatter ``[B, H_kv, n, D]`` new K/V of one layer into ``kv`` at ``slots`` ``[B, n]`` (in place).
+
+    On CUDA one Triton launch writes K and V (:func:`verifiers.kernels.kv_write`); elsewhere two
+    ``scatter_`` calls.
+    """
+    if kv.is_cuda:
+        from verifiers.kernels.kv_write import kv_write
+
+        kv_write(kv[layer_idx], slots, key, value)
+        return
     B, H, n, D = key.shape
     idx = slots.view(B, 1, n, 1).expand(B, H, n, D)
     kv[layer_idx, 0].scatter_(2, idx, key.to(kv.dtype))  # decoding cache: no autograd

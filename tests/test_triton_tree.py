@@ -18,7 +18,7 @@ from specdec.cache import StaticTreeCache
 from specdec.tree import TokenTree
 from tests.helpers import hf_greedy, tiny_model
 from verifiers import TritonTreeVerifier
-from verifiers.kernels import kv_commit, tree_attention
+from verifiers.kernels import kv_commit, kv_write, tree_attention
 from verifiers.triton_tree import pack_tree_mask, triton_tree_attention
 
 
@@ -183,6 +183,35 @@ def test_kv_commit_matches_torch_gather(D):
     kv_commit(got, path, path_len, lengths)
     assert torch.equal(got, want)
     assert not torch.equal(got, kv)
+
+
+@pytest.mark.parametrize("n, D, src_dtype", [(1, 16, torch.float32), (5, 24, torch.float16), (40, 16, torch.float32)])
+def test_kv_write_matches_scatter(n, D, src_dtype):
+    """One launch writes K and V of a layer = the two torch scatters: transposed (HF) input views,
+    a dtype cast, n over one token block; an out-of-range slot is skipped, the rest still written."""
+    from specdec.cache import _kv_write  # on CPU: the torch scatter_ path
+
+    gen = torch.Generator().manual_seed(n * 100 + D)
+    n_layers, B, H, T = 2, 2, 3, 64
+    kv = torch.randn(n_layers, 2, B, H, T, D, generator=gen)
+    slots = torch.stack([torch.randperm(T - 1, generator=gen)[:n] for _ in range(B)])  # [B, n], distinct per row
+    # HF hands the [B, n, H, D] projections transposed to [B, H, n, D] (non-contiguous views)
+    key = torch.randn(B, n, H, D, generator=gen).to(src_dtype).transpose(1, 2)
+    value = torch.randn(B, n, H, D, generator=gen).to(src_dtype).transpose(1, 2)
+    want = kv.clone()
+    _kv_write(want, 1, slots, key, value)
+    got = kv.clone()
+    kv_write(got[1], slots, key, value)
+    assert torch.equal(got, want)
+    assert not torch.equal(got[1], kv[1]) and torch.equal(got[0], kv[0])
+
+    bad = slots.clone()
+    bad[0, 0] = T  # out of range
+    got_bad = kv.clone()
+    kv_write(got_bad[1], bad, key, value)
+    want_bad = want.clone()
+    want_bad[1, :, 0, :, slots[0, 0]] = kv[1, :, 0, :, slots[0, 0]]  # that one row stays as it was
+    assert torch.equal(got_bad, want_bad)
 
 
 def test_greedy_generate_with_triton_verifier_equals_hf(monkeypatch):
