@@ -59,13 +59,14 @@ class Graphs:
     """What specdec calls pass as ``cuda_graphs``: True on CUDA; on CPU (smoke) a capture-free runner
     per model, so the padded static-buffer path is exercised everywhere."""
 
-    def __init__(self, cuda: bool):
+    def __init__(self, cuda: bool, options: dict | None = None):
         self.cuda = cuda
+        self.options = options or None  # Inductor options of the compiled rows (CUDA)
         self.cpu_runners: dict[tuple[int, bool], CUDAGraphRunner] = {}
 
     def compile_arg(self, compiled: bool):
         """``generate(compile=...)``: Inductor on CUDA; on CPU (smoke) the traced graph runs as is."""
-        return (True if self.cuda else "aot_eager") if compiled else False
+        return ((self.options or True) if self.cuda else "aot_eager") if compiled else False
 
     def arg(self, model, verifier, need_len: int, compiled: bool = False):
         if self.cuda:
@@ -488,6 +489,8 @@ def report(args, device) -> None:
     MD.clear()
     dev = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU (smoke)"
     MD.append(f"# bench_gpu — {dev}, torch {torch.__version__}\n")
+    if RESULTS.get("compile_options") and device.type == "cuda":
+        MD.append(f"Compiled rows: `generate(compile={RESULTS['compile_options']!r})` (Inductor options).\n")
     a = RESULTS.get("8b")
     targets = RESULTS.setdefault("targets", {})
     if a:
@@ -561,13 +564,16 @@ def main(argv=None):
     ap.add_argument("--skip-rows", default=None, help="regex: SmolLM2 specdec rows whose names match are not run")
     ap.add_argument("--compile", choices=("off", "on", "both"), default="both",
                     help="graph rows without / with the target forward torch.compile-d (generate(compile=True)), or both")
+    ap.add_argument("--compile-options", type=json.loads, default=None, metavar="JSON",
+                    help='Inductor options of the compiled rows, e.g. \'{"freezing": true}\' (generate(compile={...}))')
     args = ap.parse_args(argv)
     args.compile_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.smoke:
         args.prompts, args.new, args.new_8b, args.hf_new_8b, args.iters = min(args.prompts, 2), min(args.new, 12), 96, 4, 2
         args.prompt_len_8b = 16
-    graphs = Graphs(device.type == "cuda")
+    graphs = Graphs(device.type == "cuda", args.compile_options)
+    RESULTS["compile_options"] = args.compile_options
     RESULTS["device"] = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     RESULTS["torch"] = torch.__version__
     import transformers

@@ -95,7 +95,10 @@ def _ar(setup: Setup, cfg, ids: torch.Tensor, max_new_tokens: int):
 
 def _graph_kwargs(cfg) -> dict:
     """``cuda_graphs`` / ``compile`` of the run (GPU fast path, docs/gpu.md)."""
-    return dict(cuda_graphs=cfg.get("cuda_graphs", None), compile=cfg.get("compile", False))
+    compile = cfg.get("compile", False)
+    if isinstance(compile, DictConfig):  # Inductor options, e.g. {freezing: true}
+        compile = OmegaConf.to_container(compile, resolve=True)
+    return dict(cuda_graphs=cfg.get("cuda_graphs", None), compile=compile)
 
 
 def _decode_turn(setup: Setup, cfg, ids: torch.Tensor, shared_drafter, gen: torch.Generator, max_new_tokens: int,

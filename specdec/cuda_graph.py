@@ -31,7 +31,7 @@ commits nothing (``path_len`` masked to 0) and only scratch slots past the commi
 written, which the next step overwrites anyway (gpt-fast's no-rollback cache). Buckets are captured
 lazily, the first time a tree of that size shows up.
 
-``compile=True`` (or a backend name) puts ``torch.compile(fullgraph=True)`` of the target's forward
+``compile=True`` (or a backend name, or a dict of Inductor options) puts ``torch.compile(fullgraph=True)`` of the target's forward
 inside the captured step: Inductor fuses the norms, rotary, activations and residual adds that HF's
 modeling code runs as separate kernels (the Triton tree kernel and the cache write enter the traced
 graph as custom ops, ``specdec::tree_attention`` / ``specdec::kv_write``). Compilation happens at a
@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -121,8 +122,9 @@ class CUDAGraphRunner:
         buckets: captured tree sizes.
         capture: ``False`` runs the same static-buffer step eagerly (CPU tests of the padding and
             buffer logic; no CUDA needed).
-        compile: ``False``; ``True`` (Inductor) or a ``torch.compile`` backend (name or callable): the target's
-            forward runs compiled (at most two compilations per model, see the module docstring).
+        compile: ``False``; ``True`` (Inductor), a ``torch.compile`` backend (name or callable) or a dict of
+            Inductor options (see :func:`compiled_forward`): the target's forward runs compiled (at most
+            two compilations per model, see the module docstring).
     Buffers (fixed addresses, reused by every ``generate`` call that fits):
         cache: :class:`StaticTreeCache`; sequences ``[B, max_len + max_bucket + 2]``; seq_lens ``[B]``;
         counters: :class:`DepthCounters` over depths ``0 .. max_bucket - 1``; active ``[B]`` bool.
@@ -340,22 +342,33 @@ _COMPILED: dict = {}
 
 
 def compiled_forward(compile) -> Callable:
-    """``torch.compile`` of ``model(**kwargs)`` for ``backend = "inductor" if compile is True else compile``
-    (a backend name or a backend callable).
+    """``torch.compile`` of ``model(**kwargs)``.
 
-    One compiled function per backend, shared by every model: dynamo keeps one entry per (model,
+    ``compile``: ``True`` (Inductor), a backend name or callable, or a dict of Inductor options
+    (``torch.compile(options=...)``, e.g. ``{"freezing": True}``: the weights become constants and
+    Inductor's freezing passes concatenate linears that share an input, such as an MLP's gate and
+    up projections, into one GEMM; the concatenated copies are extra device memory).
+
+    One compiled function per setting, shared by every model: dynamo keeps one entry per (model,
     input shapes), so the recompile limit is raised to hold the buckets of a few models.
     """
-    backend = "inductor" if compile is True else compile
-    fn = _COMPILED.get(backend)
+    if isinstance(compile, Mapping):
+        options = {str(k): v for k, v in compile.items()}
+        key = ("inductor", tuple(sorted((k, repr(v)) for k, v in options.items())))
+    else:
+        options, key = None, "inductor" if compile is True else compile
+    fn = _COMPILED.get(key)
     if fn is None:
         import torch._dynamo
 
         cfg = torch._dynamo.config
         cfg.recompile_limit = max(cfg.recompile_limit, 64)
         cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 1024)
-        fn = torch.compile(_call_model, backend=backend, fullgraph=True)
-        _COMPILED[backend] = fn
+        if options is None:
+            fn = torch.compile(_call_model, backend=key, fullgraph=True)
+        else:
+            fn = torch.compile(_call_model, backend="inductor", options=options, fullgraph=True)
+        _COMPILED[key] = fn
     return fn
 
 

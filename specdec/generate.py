@@ -261,9 +261,9 @@ def generate(
             ``cache`` passed in; ``True``: required (raises where unsupported); ``False``: eager; or a
             :class:`~specdec.cuda_graph.CUDAGraphRunner` to use (own buckets; ``capture=False`` runs
             the same padded static-buffer steps eagerly, e.g. on CPU).
-        compile: ``True`` (or a ``torch.compile`` backend name or callable): the target's forward
-            inside the captured steps is ``torch.compile``-d (fused norms, rotary, activations; see
-            :mod:`specdec.cuda_graph`). Two compilations per model, at the first two buckets' captures
+        compile: ``True`` (or a ``torch.compile`` backend name or callable, or a dict of Inductor
+            options such as ``{"freezing": True}``): the target's forward inside the captured steps is
+            ``torch.compile``-d (fused norms, rotary, activations; see :mod:`specdec.cuda_graph`). Two compilations per model, at the first two buckets' captures
             (tens of seconds each for an 8B model); tokens equal the uncompiled steps' up to float
             rounding of the fused ops. Needs the CUDA-graph runner (CUDA target, greedy, no ``cache``).
     Returns:

@@ -44,6 +44,8 @@ def test_gpu_fast_path_keys_reach_generate():
     assert _graph_kwargs(compose([])) == dict(cuda_graphs=None, compile=False)
     cfg = compose(TINY + ["cuda_graphs=false", "compile=true", "dataset.limit=1"])
     assert _graph_kwargs(cfg) == dict(cuda_graphs=False, compile=True)
+    opts = _graph_kwargs(compose(["compile={freezing:true,max_autotune:false}"]))["compile"]
+    assert opts == {"freezing": True, "max_autotune": False} and type(opts) is dict  # Inductor options
     setup = build(cfg)
     ids = torch.tensor([[5, 6, 7, 8]])
     with pytest.raises(SpecDecInputError, match="compile"):

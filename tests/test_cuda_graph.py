@@ -250,10 +250,21 @@ def test_compile_needs_the_graph_runner():
     assert specdec.generate(model, prompt, max_new_tokens=6, cuda_graphs=False).new_tokens == ref.new_tokens
 
 
+def test_compiled_forward_is_one_function_per_setting():
+    """Inductor options as a dict: equal dicts share one compiled function, other settings do not."""
+    from specdec.cuda_graph import compiled_forward
+
+    a = compiled_forward({"freezing": True, "max_autotune": False})
+    assert compiled_forward({"max_autotune": False, "freezing": True}) is a
+    assert compiled_forward({"freezing": False}) is not a
+    assert compiled_forward(True) is compiled_forward("inductor") is not a
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("name", ["ar", "replay-tree"])
-def test_compiled_graph_replay_matches_eager_cuda(name):
-    """compile=True (Inductor) inside the captured steps: same tokens as the eager loop (fp32)."""
+@pytest.mark.parametrize("name, compile", [("ar", True), ("replay-tree", True), ("replay-tree", {"freezing": True})])
+def test_compiled_graph_replay_matches_eager_cuda(name, compile):
+    """compile=True (Inductor; or with freezing: constant weights, concatenated linears) inside the
+    captured steps: same tokens as the eager loop (fp32)."""
     import copy
 
     model = copy.deepcopy(tiny_model("llama", seed=11)).cuda()
@@ -261,10 +272,10 @@ def test_compiled_graph_replay_matches_eager_cuda(name):
     ref = specdec.generate(model, prompt, max_new_tokens=NEW, cuda_graphs=False)
     for _ in range(2):
         drafter = _drafters(model, ref.new_tokens[0])[name]
-        out = specdec.generate(model, prompt, drafter=drafter, max_new_tokens=NEW, budget=6, compile=True)
+        out = specdec.generate(model, prompt, drafter=drafter, max_new_tokens=NEW, budget=6, compile=compile)
         assert out.new_tokens == ref.new_tokens
     from specdec.cuda_graph import _RUNNERS
 
     runner = _RUNNERS[model]
-    assert runner.compile is True and runner.disabled is None
+    assert runner.compile == compile and runner.disabled is None
     assert all(b.graph is not None for b in runner._buckets.values())
