@@ -145,6 +145,27 @@ def test_tree_attention_half_precision():
     torch.testing.assert_close(got.float(), ref, atol=3e-3, rtol=3e-3)
 
 
+@pytest.mark.parametrize("N, want", [(1, dict(BLOCK_N=64, min_tiles=1, max_splits=16)), (16, dict(num_stages=2)),
+                                     (64, dict(combine="fused", max_splits=4, tree_split="legacy"))])
+def test_short_view_defaults_match_sdpa(N, want):
+    """16-bit inputs in a short host view get the short-view launch configs (decode: one 64-key tile
+    per split; N = 64: host-sized chunks with the fused merge) and still match the reference."""
+    ta = importlib.import_module("verifiers.kernels.tree_attention")
+    gen = torch.Generator().manual_seed(40 + N)
+    B, Hq, Hkv, D = 2, 8, 2, 32
+    tree = _tree("random", B, N, gen)
+    q, k, v, pl, L = _inputs(B, Hq, Hkv, D, N, [400, 3], gen, dtype=torch.float16)  # view 405 + N: >= 2 splits
+    cfg = ta.pick_config(N, Hq // Hkv, D, torch.float16, view_len=L)
+    assert {key: cfg[key] for key in want} == want
+    assert ta.pick_config(N, Hq // Hkv, D, torch.float16, view_len=8192) != cfg  # long views: unchanged
+    assert ta.pick_config(N, Hq // Hkv, D, torch.float32, view_len=L) == ta.pick_config(N, Hq // Hkv, D, torch.float32)
+    ref, _ = _reference(q.float(), k.float(), v.float(), pl, tree, L)
+    out = torch.full((B, N, Hq, D), float("nan"), dtype=torch.float16)
+    got = tree_attention(q, k, v, pl, tree.packed_ancestor_mask, N, out=out)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), ref, atol=3e-3, rtol=3e-3)
+
+
 def test_backend_packs_missing_mask_and_falls_back_for_sliding_window():
     gen = torch.Generator().manual_seed(3)
     B, Hq, Hkv, D, N = 1, 2, 1, 16, 8

@@ -276,7 +276,7 @@ def _num_sms(device: torch.device) -> int:
     return 4  # interpreter: a small split count still exercises the split-K path
 
 
-def pick_config(n_q: int, group: int, head_dim: int, dtype: torch.dtype) -> dict:
+def pick_config(n_q: int, group: int, head_dim: int, dtype: torch.dtype, view_len: int | None = None) -> dict:
     """Block shapes and split-K policy by the folded query count M = n_q * G.
 
     From the sweeps in ``benchmarks/bench_tree_attention.py`` (H200, Llama-3-8B heads, bf16,
@@ -317,10 +317,22 @@ def pick_config(n_q: int, group: int, head_dim: int, dtype: torch.dtype) -> dict
     # chunks, tree keys at the end of the last split): faster than every new policy in the final
     # H200 run at prefixes up to 8k (notes/issue5.md)
     legacy = dict(waves=2, fill="ceil", min_tiles=4, tree_split="legacy", combine="kernel", pdl=False)
+    # Short host views (a decode or verify step early in a sequence; the CUDA-graph runner's view is
+    # its max_len): fixed cost, not bandwidth, sets the time. Llama-3-8B heads, bf16, H200, views of
+    # 512 / 1024 / 2048 keys (notes/issue6.md, "short views"): N = 1 6.8 / 9.8 / 10.4 us -> 5.0 /
+    # 5.5 / 6.8 (64-key tiles, one tile per split); N = 16 10.1 / 10.4 / 10.9 -> 8.8 / 9.0 / 9.7 (2
+    # stages); N = 64 18.1 / 19.6 / 22.8 -> 13.4 / 14.8 / 16.1 (host-sized chunks, at most 4
+    # splits, fused merge). Views over 2048 keys keep the configs below (4096: same times).
+    # 16-bit only: fp32 (IEEE dots) with 64 x 64 tiles was ~4x slower at N = 64 (SmolLM2 heads, H200).
+    short = view_len is not None and view_len <= _SHORT_VIEW and dtype != torch.float32
     if m <= 16:  # decode (N = 1): one 16-row block holds the whole GQA group
+        if short:
+            return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2, **dict(legacy, min_tiles=1, max_splits=16))
         return dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, **legacy)
     if m <= 64:
-        return dict(BLOCK_M=32 if m <= 32 else 64, BLOCK_N=32, num_warps=4, num_stages=3, **legacy)
+        return dict(BLOCK_M=32 if m <= 32 else 64, BLOCK_N=32, num_warps=4, num_stages=2 if short else 3, **legacy)
+    if 128 < m <= 256 and short:  # (M = 128, N = 32: 1.2-1.4x slower this way; it keeps the split below)
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, **dict(legacy, max_splits=4, combine="fused"))
     # compute-bound side (the final run's sweep winners at prefix 8k): prefix + tree keys split evenly
     if m <= 256:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, waves=1, fill="floor", min_tiles=4,
@@ -329,6 +341,7 @@ def pick_config(n_q: int, group: int, head_dim: int, dtype: torch.dtype) -> dict
                 tree_split="none", combine="fused", pdl=False)
 
 
+_SHORT_VIEW = 2048  # host views up to this many key slots get the short-view configs of pick_config
 _SAFE_CONFIG = dict(BLOCK_N=32, num_stages=2)  # fallback when a GPU has less shared memory
 _OUT_OF_RESOURCES: set = set()  # launch configs that did not fit, per device / dtype / shape class
 _NO_PDL: set = set()  # devices where a programmatic-dependent launch failed: plain launches there
@@ -396,7 +409,7 @@ def tree_attention(
     G = Hq // Hkv
     if packed_mask.dtype != torch.int64 or packed_mask.shape[:2] != (B, n):
         raise ValueError(f"packed_mask must be int64 [B, n, W], got {packed_mask.dtype} {tuple(packed_mask.shape)}")
-    cfg = dict(pick_config(n, G, D, q.dtype))
+    cfg = dict(pick_config(n, G, D, q.dtype, view_len=L))
     if config:
         cfg.update(config)
     BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
