@@ -368,8 +368,25 @@ def compiled_forward(compile) -> Callable:
             fn = torch.compile(_call_model, backend=key, fullgraph=True)
         else:
             fn = torch.compile(_call_model, backend="inductor", options=options, fullgraph=True)
+            if options.get("freezing"):
+                fn = _traced_with_freezing(fn)
         _COMPILED[key] = fn
     return fn
+
+
+def _traced_with_freezing(fn: Callable) -> Callable:
+    """Inductor's ``freezing`` must also be set while dynamo traces: dynamo then keeps the weights as
+    graph attributes that the freezing passes can fold and concatenate; with the option passed to
+    the backend alone, they arrive as graph inputs and nothing is frozen (measured: the same GEMV
+    kernels as without it)."""
+
+    def call(model, **kwargs):
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(freezing=True):
+            return fn(model, **kwargs)
+
+    return call
 
 
 class _CompiledCall:

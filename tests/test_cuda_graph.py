@@ -1,6 +1,8 @@
 """CUDA-graph runner: bucketing and padding (CPU), padded == unpadded acceptance (CPU, SDPA), the
 runner's static-buffer steps == the eager loop (CPU, capture off), graph replay == eager (CUDA only)."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -258,6 +260,32 @@ def test_compiled_forward_is_one_function_per_setting():
     assert compiled_forward({"max_autotune": False, "freezing": True}) is a
     assert compiled_forward({"freezing": False}) is not a
     assert compiled_forward(True) is compiled_forward("inductor") is not a
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="Inductor on CPU needs a C compiler")
+def test_freezing_option_reaches_dynamo():
+    """compile={"freezing": True}: the weights are frozen (Inductor's freezing passes run on them),
+    which needs the option set while dynamo traces, not only in the backend."""
+    from torch._dynamo.utils import counters
+
+    from specdec.cuda_graph import compiled_forward
+
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate, self.up = torch.nn.Linear(32, 64, bias=False), torch.nn.Linear(32, 64, bias=False)
+            self.down = torch.nn.Linear(64, 32, bias=False)
+
+        def forward(self, input_ids):
+            return self.down(torch.nn.functional.silu(self.gate(input_ids)) * self.up(input_ids))
+
+    model, x = MLP().eval(), torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = model(x)
+        counters.clear()
+        out = compiled_forward({"freezing": True})(model, input_ids=x)
+    torch.testing.assert_close(out, ref)
+    assert counters["inductor"]["pattern_matcher_count"] > 0  # freezing passes matched the frozen weights
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
