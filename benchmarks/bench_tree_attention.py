@@ -463,6 +463,27 @@ def timing(results, best, copy_bw, tflops, gen, ns, prefixes, baselines="all", o
     return rows
 
 
+def short_view_ab(results, gen, ns, views):
+    """Default launch config vs the long-view config (``pick_config`` without ``view_len``) in short
+    host views: prefix = view - N - 16, the key slots handed to the kernel = view (the CUDA-graph
+    runner's view is its max_len)."""
+    rows = []
+    for N in ns:
+        for view in views:
+            prefix = max(view - N - 16, 0)
+            tree, sets, pl, L = setup_point(N, prefix, gen)  # L = prefix + N + 16
+            packed = tree.packed_ancestor_mask
+            long_cfg = pick_config(N, HQ // HKV, D, torch.bfloat16)
+            t_new = bench([lambda q=q, k=k, v=v: tree_attention(q, k, v, pl, packed, N) for q, k, v in sets])
+            t_old = bench([lambda q=q, k=k, v=v: tree_attention(q, k, v, pl, packed, N, config=long_cfg) for q, k, v in sets])
+            rows.append(dict(N=N, view=L, prefix=prefix, default_us=t_new * 1e3, long_view_cfg_us=t_old * 1e3))
+            print(f"[short] N={N:4d} view={rows[-1]['view']:6d} prefix={prefix:6d}: default {t_new * 1e3:7.2f} us, "
+                  f"long-view config {t_old * 1e3:7.2f} us ({t_new / t_old:.2f}x)", flush=True)
+            del sets
+    results["short_views"] = rows
+    return rows
+
+
 def commit_timing(results, gen):
     rows = []
     for B, P in [(1, 4), (1, 8), (4, 8)]:
@@ -499,6 +520,8 @@ def main():
     ap.add_argument("--old", action="store_true", help="also time the previous kernel (notes/issue5_old_tree_attention.py)")
     ap.add_argument("--no-commit", action="store_true")
     ap.add_argument("--no-generate", action="store_true")
+    ap.add_argument("--short-views", type=ints, default=None, metavar="VIEWS",
+                    help="only the short-view A/B (default config vs pick_config's long-view one), e.g. 512,1024,2048,4096")
     args = ap.parse_args()
     global DEV, HQ, HKV, D, PREFIXES, NS, CHECK_DIMS, CHECK_PREFIXES, TUNE_PREFIX, SMS, L2_BYTES, OUT_DIR
     OUT_DIR = args.out
@@ -516,6 +539,10 @@ def main():
     results = dict(device=name, sms=SMS, torch=torch.__version__, triton=triton.__version__, argv=sys.argv[1:])
     print(f"device {name}, {SMS} SMs, torch {torch.__version__}, triton {triton.__version__}; args {sys.argv[1:]}", flush=True)
     gen = torch.Generator().manual_seed(42)
+    if args.short_views:
+        short_view_ab(results, gen, args.ns or [1, 16, 32, 64], args.short_views)
+        save(results, args.out)
+        return
     if args.checks != "none":
         check_attention(results, args.checks)
         check_commit(results)
