@@ -31,10 +31,10 @@ commits nothing (``path_len`` masked to 0) and only scratch slots past the commi
 written, which the next step overwrites anyway (gpt-fast's no-rollback cache). Buckets are captured
 lazily, the first time a tree of that size shows up.
 
-``compile=True`` (or a backend name, or a dict of Inductor options) puts ``torch.compile(fullgraph=True)`` of the target's forward
-inside the captured step: Inductor fuses the norms, rotary, activations and residual adds that HF's
-modeling code runs as separate kernels (the Triton tree kernel and the cache write enter the traced
-graph as custom ops, ``specdec::tree_attention`` / ``specdec::kv_write``). Compilation happens at a
+``compile=True`` (or a backend name, or a dict of Inductor options) puts
+``torch.compile(fullgraph=True)`` of the target's forward inside the captured step: Inductor fuses
+the norms, rotary, activations and residual adds that HF's modeling code runs as separate kernels
+(the Triton tree kernel and the cache write enter the traced graph as custom ops, ``specdec::tree_attention`` / ``specdec::kv_write``). Compilation happens at a
 bucket's first capture: the first bucket compiles with static shapes, the second one recompiles with
 the tree size symbolic, and that graph serves every later bucket (dynamo's automatic dynamic shapes).
 
@@ -46,8 +46,8 @@ verify replays the engine then launches one draft graph per step (see ``docs/gpu
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch

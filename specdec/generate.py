@@ -263,8 +263,9 @@ def generate(
             the same padded static-buffer steps eagerly, e.g. on CPU).
         compile: ``True`` (or a ``torch.compile`` backend name or callable, or a dict of Inductor
             options such as ``{"freezing": True}``): the target's forward inside the captured steps is
-            ``torch.compile``-d (fused norms, rotary, activations; see :mod:`specdec.cuda_graph`). Two compilations per model, at the first two buckets' captures
-            (tens of seconds each for an 8B model); tokens equal the uncompiled steps' up to float
+            ``torch.compile``-d (fused norms, rotary, activations; see :mod:`specdec.cuda_graph`).
+            Two compilations per model, at the first two buckets' captures (tens of seconds each for
+            an 8B model); tokens equal the uncompiled steps' up to float
             rounding of the fused ops. Needs the CUDA-graph runner (CUDA target, greedy, no ``cache``).
     Returns:
         :class:`GenerateOutput` with ``.sequences`` ``[B, T + new]`` and ``.stats``.

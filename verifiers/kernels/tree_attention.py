@@ -319,7 +319,8 @@ def pick_config(n_q: int, group: int, head_dim: int, dtype: torch.dtype, view_le
     legacy = dict(waves=2, fill="ceil", min_tiles=4, tree_split="legacy", combine="kernel", pdl=False)
     # Short host views (a decode or verify step early in a sequence; the CUDA-graph runner's view is
     # its max_len): fixed cost, not bandwidth, sets the time. Llama-3-8B heads, bf16, H200, views of
-    # 512 / 1024 / 2048 keys (notes/issue6.md, "short views"): N = 1 6.8 / 9.8 / 10.4 us -> 5.0 /
+    # 512 / 1024 / 2048 keys, L2-hot sweep (notes/issue6.md, fourth session, "Short-view attention
+    # configs", which also has the HBM-cold A/B): N = 1 6.8 / 9.8 / 10.4 us -> 5.0 /
     # 5.5 / 6.8 (64-key tiles, one tile per split); N = 16 10.1 / 10.4 / 10.9 -> 8.8 / 9.0 / 9.7 (2
     # stages); N = 64 18.1 / 19.6 / 22.8 -> 13.4 / 14.8 / 16.1 (host-sized chunks, at most 4
     # splits, fused merge). Views over 2048 keys keep the configs below (4096: same times).
