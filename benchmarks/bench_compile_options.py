@@ -46,9 +46,9 @@ def build(kind: str):
                           tie_word_embeddings=True, rope_theta=100000.0)
         dtype = torch.float32
     else:
-        cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                          rope_theta=500000.0, tie_word_embeddings=False)
+        from benchmarks.bench_gpu import llama3_8b_config
+
+        cfg = llama3_8b_config()
         dtype = torch.bfloat16
     torch.manual_seed(0)
     with torch.device("cuda"):

@@ -132,6 +132,15 @@ def device_copy_bandwidth(device, nbytes: int) -> float:
 
 
 # ---------------------------------------------------------------- (a) 8B-shaped, random weights
+def llama3_8b_config():
+    """Llama-3-8B's shapes (32 layers, hidden 4096, MLP 14336, 32 / 8 heads, vocab 128256), for random weights."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                       rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001)
+
+
 def bench_8b(args, graphs: Graphs, device) -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig
     from drafters import Replay
@@ -142,9 +151,7 @@ def bench_8b(args, graphs: Graphs, device) -> None:
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
         dtype = torch.float32
     else:
-        cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                          rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001)
+        cfg = llama3_8b_config()
         dtype = torch.bfloat16
     t0 = time.perf_counter()
     torch.manual_seed(0)
