@@ -314,6 +314,35 @@ def mtbench_first_turns(args) -> list[str]:
     return [r.turns[0] for r in load_prompts("mtbench")]
 
 
+def _decode_warm_split(model, warm_prompts, args, verifier, gk) -> list[tuple[list[int], list[int]]]:
+    """(prompt, greedy output) of every warm-up request, decoded by specdec AR (graph-replayed)."""
+    from tqdm import tqdm
+
+    out = []
+    t0 = time.perf_counter()
+    for p in tqdm(warm_prompts, desc="warm-up split", disable=not warm_prompts):
+        o = specdec.generate(model, p, max_new_tokens=args.new, verifier=verifier, **gk)
+        out.append((p[0].tolist(), o.new_tokens[0]))
+    if out:
+        log(f"SmolLM2 warm-up split: {len(out)} requests, {sum(len(o) for _, o in out)} tokens "
+            f"decoded in {time.perf_counter() - t0:.1f}s")
+    return out
+
+
+def _warm_cache(warm_outputs):
+    """A Turbo cache that has served the warm-up split (prompt-side and output-side statistics, as
+    serving those requests would have left them), children ranked."""
+    from lookahead import TurboLookaheadCache
+
+    cache = TurboLookaheadCache()
+    for prompt, output in warm_outputs:
+        h = cache.begin(prompt)
+        cache.extend(h, output)
+        cache.end(h)
+    cache.rank_all()
+    return cache
+
+
 def bench_smollm2(args, graphs: Graphs, device) -> None:
     from drafters import DraftModel, EarlyExit, HybridLookahead, QuantizedCopy, RawLookahead, TurboLookahead
     from experiments.prompts import chat_ids
@@ -326,9 +355,14 @@ def bench_smollm2(args, graphs: Graphs, device) -> None:
     log(f"SmolLM2 loaded in {R['load_s']:.1f}s")
     turns = mtbench_first_turns(args)
     # spread over the 8 categories: every 10th question
-    prompts = [torch.tensor([chat_ids(tok, [t])], device=device) for t in turns[:: max(1, len(turns) // args.prompts)][: args.prompts]]
+    step = max(1, len(turns) // args.prompts)
+    eval_idx = list(range(0, len(turns), step))[: args.prompts]
+    prompts = [torch.tensor([chat_ids(tok, [turns[i]])], device=device) for i in eval_idx]
+    # the warm-up split of the "(warm)" Turbo rows: the other questions, disjoint from the timed ones
+    warm_turns = [t for i, t in enumerate(turns) if i not in set(eval_idx)][: args.warm_prompts]
+    warm_prompts = [torch.tensor([chat_ids(tok, [t])], device=device) for t in warm_turns]
     verifier = auto_verifier(device)
-    need = max(p.shape[1] for p in prompts) + args.new
+    need = max(p.shape[1] for p in prompts + warm_prompts) + args.new
     rows = R["rows"] = {}
 
     def hf_row(name, **kw):
@@ -406,6 +440,13 @@ def bench_smollm2(args, graphs: Graphs, device) -> None:
     spec_row("TurboLookahead", lambda: turbo, LB)
     hybrid = HybridLookahead()
     spec_row("HybridLookahead", lambda: hybrid, LB)
+    warm_outputs = _decode_warm_split(model, warm_prompts, args, verifier, graphs.kw(model, verifier, need))
+    R["warm_split"] = dict(requests=len(warm_outputs), output_tokens=sum(len(o) for _, o in warm_outputs))
+    if warm_outputs:
+        turbo_w = TurboLookahead(_warm_cache(warm_outputs))
+        spec_row("TurboLookahead (warm)", lambda: turbo_w, LB)
+        hybrid_w = HybridLookahead(_warm_cache(warm_outputs))
+        spec_row("HybridLookahead (warm)", lambda: hybrid_w, LB)
     D = args.model_depth
     # model drafters: draft step as CUDA graphs (specdec.draft_graphs; on CUDA, the default) first,
     # then the eager draft step (cuda_graphs=False) -- the verify step is graph-replayed in both.
@@ -433,6 +474,11 @@ def bench_smollm2(args, graphs: Graphs, device) -> None:
         spec_row("TurboLookahead [compiled]", lambda: turbo_c, LB, compiled=True)
         hybrid_c = HybridLookahead()
         spec_row("HybridLookahead [compiled]", lambda: hybrid_c, LB, compiled=True)
+        if warm_outputs:
+            turbo_wc = TurboLookahead(_warm_cache(warm_outputs))
+            spec_row("TurboLookahead (warm) [compiled]", lambda: turbo_wc, LB, compiled=True)
+            hybrid_wc = HybridLookahead(_warm_cache(warm_outputs))
+            spec_row("HybridLookahead (warm) [compiled]", lambda: hybrid_wc, LB, compiled=True)
         for name, make in model_rows:
             row = f"{name} [graph draft, compiled]"
             if args.skip_rows and re.search(args.skip_rows, row):
@@ -567,6 +613,8 @@ def main(argv=None):
     ap.add_argument("--no-peaked-8b", dest="peaked_8b", action="store_false",
                     help="keep the 8B model's random weights as created (argmax near-ties: Replay tau collapses)")
     ap.add_argument("--lookahead-budget", type=int, default=15)
+    ap.add_argument("--warm-prompts", type=int, default=72,
+                    help="MT-bench first turns (disjoint from the timed ones) that warm the '(warm)' Turbo rows; 0: no such rows")
     ap.add_argument("--model-depth", type=int, default=4)
     ap.add_argument("--skip-rows", default=None, help="regex: SmolLM2 specdec rows whose names match are not run")
     ap.add_argument("--compile", choices=("off", "on", "both"), default="both",
@@ -578,6 +626,7 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.smoke:
         args.prompts, args.new, args.new_8b, args.hf_new_8b, args.iters = min(args.prompts, 2), min(args.new, 12), 96, 4, 2
+        args.warm_prompts = min(args.warm_prompts, 2)
         args.prompt_len_8b = 16
     graphs = Graphs(device.type == "cuda", args.compile_options)
     RESULTS["compile_options"] = args.compile_options

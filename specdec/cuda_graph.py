@@ -45,6 +45,7 @@ verify replays the engine then launches one draft graph per step (see ``docs/gpu
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ import torch
 from torch import Tensor
 
 from .cache import StaticTreeCache
+from .gemm_pick import GemmPicker, shared_picker
 from .metrics import DepthCounters
 from .state import AcceptResult, SamplingConfig
 from .tree import TokenTree
@@ -125,13 +127,17 @@ class CUDAGraphRunner:
         compile: ``False``; ``True`` (Inductor), a ``torch.compile`` backend (name or callable) or a dict of
             Inductor options (see :func:`compiled_forward`): the target's forward runs compiled (at most
             two compilations per model, see the module docstring).
+        pick_gemm: time each fp32 linear shape of a tree bucket once and use its fastest GEMM
+            formulation (:mod:`specdec.gemm_pick`). ``None`` (default): on for a float32 target on
+            CUDA; the one-token step is never re-routed; a :class:`GemmPicker` uses that one.
     Buffers (fixed addresses, reused by every ``generate`` call that fits):
         cache: :class:`StaticTreeCache`; sequences ``[B, max_len + max_bucket + 2]``; seq_lens ``[B]``;
         counters: :class:`DepthCounters` over depths ``0 .. max_bucket - 1``; active ``[B]`` bool.
     """
 
     def __init__(self, target, verifier, step_fn: StepFn, batch_size: int, max_len: int,
-                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, capture: bool = True, compile=False):
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, capture: bool = True, compile=False,
+                 pick_gemm: bool | GemmPicker | None = None):
         p = next(target.parameters())
         self.device, self.dtype = p.device, p.dtype
         if capture and self.device.type != "cuda":
@@ -146,6 +152,9 @@ class CUDAGraphRunner:
         self.capture = capture
         self.compile = compile
         self._forward = compiled_forward(compile) if compile else None
+        if pick_gemm is None:
+            pick_gemm = self.dtype == torch.float32 and self.device.type == "cuda"
+        self.gemm = pick_gemm if isinstance(pick_gemm, GemmPicker) else shared_picker() if pick_gemm else None  # per-shape GEMM choice for tree buckets
         B, dev = self.batch_size, self.device
         self.cache = StaticTreeCache(target.config, B, self.max_len, self.dtype, dev)
         self.sequences = torch.zeros(B, self.max_len + self.max_bucket + 2, dtype=torch.long, device=dev)  # [B, W]
@@ -246,10 +255,12 @@ class CUDAGraphRunner:
         target = self._target()
         if self._forward is not None:
             target = _CompiledCall(target, self._forward)
-        res, host = self.step_fn(
-            target, self.verifier, tree, self.cache, self.max_len, self.greedy, None,
-            self.active, self.sequences, self.seq_lens, self.counters,
-        )
+        rows = self.batch_size * b.n  # [M, K] rows of every projection in this step
+        with self.gemm.mode() if self.gemm is not None and rows > 1 else contextlib.nullcontext():
+            res, host = self.step_fn(
+                target, self.verifier, tree, self.cache, self.max_len, self.greedy, None,
+                self.active, self.sequences, self.seq_lens, self.counters,
+            )
         b.path.copy_(res.path)
         b.path_len.copy_(res.path_len)
         b.bonus.copy_(res.bonus)

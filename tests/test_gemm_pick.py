@@ -1,0 +1,136 @@
+"""Per-shape GEMM formulations (specdec.gemm_pick): every formulation computes the same linear, the
+choice follows the timings (with a margin), the mode routes a model's fp32 linears eagerly and under
+torch.compile, and the runner with the picker commits the eager loop's tokens (CPU, capture off)."""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import specdec
+from drafters import Replay
+from specdec.cuda_graph import CUDAGraphRunner
+from specdec.gemm_pick import FORMULATIONS, GemmPicker, linear_as
+from specdec.generate import verify_step
+from tests.helpers import tiny_model
+from verifiers import SDPAVerifier
+
+
+class _FakeTimer:
+    """µs per formulation from a table; records the shapes it was asked to time."""
+
+    def __init__(self, times):
+        self.times, self.calls = times, []
+
+    def __call__(self, x, weight, bias):
+        self.calls.append((x.shape[0], weight.shape[0], x.shape[1], bias is not None))
+        return self.times
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_formulations_compute_the_same_linear(with_bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 33, generator=g)  # [B, n, K]: leading dims flattened to M = 14 rows
+    w = torch.randn(19, 33, generator=g)
+    b = torch.randn(19, generator=g) if with_bias else None
+    ref = (x.double() @ w.double().T + (b.double() if with_bias else 0)).float()
+    for f in range(len(FORMULATIONS)):
+        y = linear_as(x, w, b, f)
+        assert y.shape == (2, 7, 19) and y.is_contiguous()
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    before = torch.backends.cuda.preferred_blas_library()
+    linear_as(x, w, b, 2)
+    assert torch.backends.cuda.preferred_blas_library() == before  # the global preference is restored
+
+
+def test_choice_follows_timings_with_a_margin():
+    x, w = torch.randn(4, 8), torch.randn(5, 8)
+    assert GemmPicker(device_types=("cpu",), timer=_FakeTimer((10.0, 9.5, 12.0))).formulation(x, w, None) == 0  # < 10 % gain
+    assert GemmPicker(device_types=("cpu",), timer=_FakeTimer((10.0, 8.0, 12.0))).formulation(x, w, None) == 1
+    assert GemmPicker(device_types=("cpu",), timer=_FakeTimer((54.0, 8.3, 7.5))).formulation(x, w, None) == 2
+    assert GemmPicker(device_types=("cpu",), timer=_FakeTimer((10.0, float("inf"), 3.0))).formulation(x, w, None) == 2
+    timer = _FakeTimer((10.0, 5.0, 12.0))
+    p = GemmPicker(device_types=("cpu",), timer=timer)
+    for _ in range(3):  # timed once per shape
+        p.formulation(x, w, None)
+        p.formulation(x.unsqueeze(0), w, None)  # [1, 4, 8] is the same 4-row problem
+    p.formulation(torch.randn(2, 8), w, None)
+    assert timer.calls == [(4, 5, 8, False), (2, 5, 8, False)]
+    assert p.timings[(None, 4, 5, 8, False)] == (10.0, 5.0, 12.0)
+
+
+def _model_logits(model, ids):
+    return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_mode_routes_every_fp32_linear(compiled):
+    """Under the mode every linear of the model goes through ``specdec::linear`` with the chosen
+    formulation (eagerly and inside one fullgraph torch.compile trace); the logits are unchanged."""
+    if compiled and shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("Inductor on CPU needs a C compiler")
+    model = tiny_model("llama", seed=4)
+    ids = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        ref = _model_logits(model, ids)
+        timer = _FakeTimer((10.0, 1.0, 12.0))  # the transposed formulation wins every shape
+        picker = GemmPicker(device_types=("cpu",), timer=timer)
+        fn = _model_logits
+        if compiled:
+            torch._dynamo.reset()
+            fn = torch.compile(_model_logits, backend="inductor", fullgraph=True)
+        with picker.mode():
+            out = fn(model, ids)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    cfg = model.config
+    H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    shapes = {(6, n, k, False) for n, k in [(H * D, cfg.hidden_size), (Hkv * D, cfg.hidden_size),
+                                            (cfg.hidden_size, H * D), (cfg.intermediate_size, cfg.hidden_size),
+                                            (cfg.hidden_size, cfg.intermediate_size), (cfg.vocab_size, cfg.hidden_size)]}
+    assert set(timer.calls) == shapes  # each distinct projection shape timed once, all of them routed
+    assert all(f == 1 for f in picker.choice.values())
+
+
+def test_mode_leaves_other_dtypes_and_devices_alone():
+    timer = _FakeTimer((10.0, 1.0, 12.0))
+    picker = GemmPicker(timer=timer)  # CUDA only
+    x, w = torch.randn(3, 8), torch.randn(4, 8)
+    with picker.mode():
+        F.linear(x, w)
+        F.linear(x.double(), w.double())
+    assert timer.calls == []
+    p2 = GemmPicker(device_types=("cpu",), timer=timer)
+    with p2.mode():
+        F.linear(x.double(), w.double())  # not fp32: untouched
+    assert timer.calls == []
+
+
+@pytest.mark.parametrize("drafter_name", ["chain", "tree"])
+def test_runner_with_picker_matches_eager(drafter_name):
+    """The runner's tree buckets under the picker (every shape taking a non-default formulation)
+    commit exactly the eager loop's tokens; the one-token step is not re-routed."""
+    model = tiny_model("llama", seed=6)
+    prompt = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(8))
+    ref = specdec.generate(model, prompt, max_new_tokens=32, cuda_graphs=False)
+    cont = ref.new_tokens[0]
+    drafter = Replay(cont, 0.3, seed=1) if drafter_name == "chain" else Replay(cont, 0.5, branching=3, seed=2)
+    timer = _FakeTimer((10.0, 9.0, 1.0))  # cuBLASLt preference wins (a no-op on CPU, still exercised)
+    picker = GemmPicker(device_types=("cpu",), timer=timer)
+    runner = CUDAGraphRunner(model, SDPAVerifier(), verify_step, 1, 256, buckets=(1, 4, 16), capture=False,
+                             pick_gemm=picker)
+    out = specdec.generate(model, prompt, drafter=drafter, max_new_tokens=32, budget=6, verifier=SDPAVerifier(),
+                           cuda_graphs=runner)
+    assert out.new_tokens == ref.new_tokens
+    assert timer.calls and all(m > 1 for m, *_ in timer.calls)  # only tree buckets were routed
+    ar = specdec.generate(model, prompt, max_new_tokens=8, verifier=SDPAVerifier(), cuda_graphs=runner)
+    assert ar.new_tokens[0] == ref.new_tokens[0][:8]
+    assert runner.gemm is picker
+
+
+def test_runner_picks_only_for_fp32_cuda_by_default():
+    model = tiny_model("llama", seed=6)
+    runner = CUDAGraphRunner(model, SDPAVerifier(), verify_step, 1, 64, buckets=(1,), capture=False)
+    assert runner.gemm is None  # CPU: off unless asked
+    runner = CUDAGraphRunner(model, SDPAVerifier(), verify_step, 1, 64, buckets=(1,), capture=False, pick_gemm=True)
+    assert isinstance(runner.gemm, GemmPicker) and runner.gemm.device_types == ("cuda",)
