@@ -8,8 +8,11 @@
 (b) SmolLM2-135M-Instruct, real weights (fp32), MT-bench first turns: HF AR, HF prompt lookup
     (``prompt_lookup_num_tokens=10``), specdec AR, and every drafter: Raw / Turbo / Hybrid
     lookahead, EarlyExit, QuantizedCopy int8 / int4, DraftModel (the target drafting for itself), each
-    model drafter twice: draft step as CUDA graphs (``specdec.draft_graphs``) and eager.
-    TPOT, tau, speedup over specdec AR and over HF AR, greedy-equality rate.
+    model drafter twice: draft step as CUDA graphs (``specdec.draft_graphs``) and eager. Turbo and
+    Hybrid also "(warm)": their cache first serves ``--warm-prompts`` other MT-bench first turns
+    (disjoint from the timed ones, decoded here by specdec AR). With ``--compile`` on / both, the
+    same rows with the target's forward compiled. TPOT, tau, speedup over specdec AR and over HF
+    AR, greedy-equality rate.
 
 Writes ``bench_gpu.json`` and ``bench_gpu.md`` to ``--out`` (sections are written as they finish,
 so a timeout keeps what was measured). Targets (batch 1) are checked here and only here:
