@@ -3,7 +3,10 @@
 For a SmolLM2-135M-shaped fp32 model and a Llama-3-8B-shaped bf16 model (random weights, timing
 only), each option set runs in its own subprocess (fresh dynamo / Inductor state):
 
+* ``graphs``: ``compile=False`` (CUDA graphs only);
 * ``default``: ``compile=True``;
+* ``no-pick`` / ``graphs+no-pick``: the same with ``specdec.gemm_pick.ENABLED = False`` (every linear
+  through ``F.linear``, as cuBLAS chooses);
 * ``freeze``: ``compile={"freezing": True}`` (weights as constants; Inductor's freezing passes
   concatenate linears that share an input, e.g. an MLP's gate and up projections: extra memory);
 * ``autotune``: ``compile={"max_autotune": True, ...}`` (Triton GEMM templates timed against cuBLAS);
@@ -11,7 +14,7 @@ only), each option set runs in its own subprocess (fresh dynamo / Inductor state
 
 Per variant: AR TPOT through ``generate`` (128 tokens), the verify graph's replay time per bucket
 at a fixed committed length, peak memory, and, with ``--profile``, the kernel count and top kernels
-of one replay. Greedy tokens are compared with the ``default`` variant.
+of one replay. Greedy tokens are compared with the first variant's.
 
 usage: python -m benchmarks.bench_compile_options [--models smol,8b] [--variants ...] [--profile 1,64] [--out DIR]
 """
@@ -29,7 +32,10 @@ from pathlib import Path
 import torch
 
 VARIANTS = {
+    "graphs": False,  # CUDA graphs, no compile
+    "graphs+no-pick": False,
     "default": True,
+    "no-pick": True,  # default without specdec.gemm_pick (cuBLAS's own choice for every linear)
     "freeze": {"freezing": True},
     "autotune": {"max_autotune": True, "max_autotune_gemm_backends": "ATEN,TRITON"},
     "freeze+autotune": {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "ATEN,TRITON"},
@@ -82,7 +88,10 @@ def child(kind: str, variant: str, out: str, prof: tuple[int, ...]) -> None:
     import specdec
     from specdec.cuda_graph import _RUNNERS
 
+    from specdec import gemm_pick
+
     compile = VARIANTS[variant]
+    gemm_pick.ENABLED = not variant.endswith("no-pick")
     model, cfg = build(kind)
     T = 200 if kind == "smol" else 512
     ids = torch.randint(0, cfg.vocab_size, (1, T), generator=torch.Generator().manual_seed(1)).cuda()
@@ -101,6 +110,7 @@ def child(kind: str, variant: str, out: str, prof: tuple[int, ...]) -> None:
     res["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
     for n in prof:
         res[f"profile_{n}"] = profile_bucket(runner, n, prefix)
+    res["gemm_pick"] = gemm_pick.shared_picker().summary()
     Path(out).write_text(json.dumps(res, indent=1))
 
 
@@ -120,7 +130,7 @@ def main(argv=None) -> None:
     if unknown:
         sys.exit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     md = ["| model | variant | AR TPOT ms | " + " | ".join(f"verify({n}) ms" for n in BUCKETS)
-          + " | verify(64)/verify(1) | peak GB | first call s | tokens = default |",
+          + " | verify(64)/verify(1) | peak GB | first call s | tokens = first variant's |",
           "|---|---|---|" + "---|" * len(BUCKETS) + "---|---|---|---|"]
     for kind in args.models.split(","):
         res = {}
@@ -133,9 +143,12 @@ def main(argv=None) -> None:
                 continue
             r = res[v] = json.loads(f.read_text())
             vm = r["verify_ms"]
-            same = r["tokens"] == res["default"]["tokens"] if "default" in res else None
+            same = r["tokens"] == next(iter(res.values()))["tokens"]  # the first variant's tokens
             print(f"{kind} {v:16s} AR {r['ar_tpot_ms']:.3f} ms | verify " + " ".join(f"{n}:{vm[str(n)]:.3f}" for n in BUCKETS)
-                  + f" | 64/1 {r['v64_over_v1']:.3f} | peak {r['peak_mem_gb']:.1f} GB | tokens = default: {same}", flush=True)
+                  + f" | 64/1 {r['v64_over_v1']:.3f} | peak {r['peak_mem_gb']:.1f} GB | tokens = first: {same}", flush=True)
+            picks = {k: v["pick"] for k, v in r.get("gemm_pick", {}).items() if v["pick"] != "linear"}
+            if picks:
+                print(f"    GEMM picks other than F.linear: {picks}", flush=True)
             for n in [x for x in args.profile.split(",") if x]:
                 pr = r[f"profile_{n}"]
                 print(f"    N={n}: {pr['kernels']} kernels, {pr['sum_us']:.0f} us; top: "

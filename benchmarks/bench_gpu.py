@@ -638,6 +638,8 @@ def main(argv=None):
     import transformers
 
     RESULTS["transformers"] = transformers.__version__
+    from specdec.gemm_pick import shared_picker
+
     with torch.inference_mode():
         for name, fn in (("8b", bench_8b), ("smollm2", bench_smollm2)):
             if getattr(args, f"skip_{name}", False):
@@ -647,6 +649,7 @@ def main(argv=None):
             except Exception as e:
                 RESULTS.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
                 log(f"section {name} FAILED: {e}\n{traceback.format_exc()}")
+            RESULTS["gemm_pick"] = shared_picker().summary()  # per-shape GEMM formulations used (CUDA)
             report(args, device)
     report(args, device)
     print("\n".join(MD), flush=True)

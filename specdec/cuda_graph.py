@@ -55,6 +55,7 @@ import torch
 from torch import Tensor
 
 from .cache import StaticTreeCache
+from . import gemm_pick
 from .gemm_pick import GemmPicker, shared_picker
 from .metrics import DepthCounters
 from .state import AcceptResult, SamplingConfig
@@ -127,9 +128,11 @@ class CUDAGraphRunner:
         compile: ``False``; ``True`` (Inductor), a ``torch.compile`` backend (name or callable) or a dict of
             Inductor options (see :func:`compiled_forward`): the target's forward runs compiled (at most
             two compilations per model, see the module docstring).
-        pick_gemm: time each fp32 linear shape of a tree bucket once and use its fastest GEMM
-            formulation (:mod:`specdec.gemm_pick`). ``None`` (default): on for a float32 target on
-            CUDA; the one-token step is never re-routed; a :class:`GemmPicker` uses that one.
+        pick_gemm: time each linear shape of the captured steps once and use its fastest GEMM
+            formulation (cuBLAS variants, a Triton GEMV for one row; :mod:`specdec.gemm_pick`).
+            ``None`` (default): on for a CUDA target unless ``compile`` asks for Inductor's
+            ``freezing`` (which concatenates linears) or ``specdec.gemm_pick.ENABLED`` is False;
+            a :class:`GemmPicker` uses that one.
     Buffers (fixed addresses, reused by every ``generate`` call that fits):
         cache: :class:`StaticTreeCache`; sequences ``[B, max_len + max_bucket + 2]``; seq_lens ``[B]``;
         counters: :class:`DepthCounters` over depths ``0 .. max_bucket - 1``; active ``[B]`` bool.
@@ -152,8 +155,9 @@ class CUDAGraphRunner:
         self.capture = capture
         self.compile = compile
         self._forward = compiled_forward(compile) if compile else None
-        if pick_gemm is None:
-            pick_gemm = self.dtype == torch.float32 and self.device.type == "cuda"
+        if pick_gemm is None:  # (Inductor's freezing concatenates linears: they must stay plain mm's)
+            freezing = isinstance(compile, Mapping) and bool(compile.get("freezing"))
+            pick_gemm = gemm_pick.ENABLED and self.device.type == "cuda" and self.dtype.is_floating_point and not freezing
         self.gemm = pick_gemm if isinstance(pick_gemm, GemmPicker) else shared_picker() if pick_gemm else None  # per-shape GEMM choice for tree buckets
         B, dev = self.batch_size, self.device
         self.cache = StaticTreeCache(target.config, B, self.max_len, self.dtype, dev)
@@ -255,8 +259,7 @@ class CUDAGraphRunner:
         target = self._target()
         if self._forward is not None:
             target = _CompiledCall(target, self._forward)
-        rows = self.batch_size * b.n  # [M, K] rows of every projection in this step
-        with self.gemm.mode() if self.gemm is not None and rows > 1 else contextlib.nullcontext():
+        with self.gemm.mode() if self.gemm is not None else contextlib.nullcontext():
             res, host = self.step_fn(
                 target, self.verifier, tree, self.cache, self.max_len, self.greedy, None,
                 self.active, self.sequences, self.seq_lens, self.counters,

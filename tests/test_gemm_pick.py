@@ -1,7 +1,9 @@
-"""Per-shape GEMM formulations (specdec.gemm_pick): every formulation computes the same linear, the
-choice follows the timings (with a margin), the mode routes a model's fp32 linears eagerly and under
-torch.compile, and the runner with the picker commits the eager loop's tokens (CPU, capture off)."""
+"""Per-shape GEMM formulations (specdec.gemm_pick): every formulation computes the same linear (the
+Triton GEMV under TRITON_INTERPRET on CPU), the choice follows the timings (with a margin), the
+mode routes a model's linears eagerly and under torch.compile, and the runner with the picker
+commits the eager loop's tokens (CPU, capture off)."""
 
+import os
 import shutil
 
 import pytest
@@ -11,17 +13,21 @@ import torch.nn.functional as F
 import specdec
 from drafters import Replay
 from specdec.cuda_graph import CUDAGraphRunner
-from specdec.gemm_pick import FORMULATIONS, GemmPicker, linear_as
+from specdec.gemm_pick import FORMULATIONS, GemmPicker, applies, linear_as
 from specdec.generate import verify_step
 from tests.helpers import tiny_model
 from verifiers import SDPAVerifier
 
 
+_INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+_N = len(FORMULATIONS)
+
+
 class _FakeTimer:
-    """µs per formulation from a table; records the shapes it was asked to time."""
+    """µs per formulation from a table (padded with inf); records the shapes it was asked to time."""
 
     def __init__(self, times):
-        self.times, self.calls = times, []
+        self.times, self.calls = tuple(times) + (float("inf"),) * (_N - len(times)), []
 
     def __call__(self, x, weight, bias):
         self.calls.append((x.shape[0], weight.shape[0], x.shape[1], bias is not None))
@@ -35,21 +41,43 @@ def test_formulations_compute_the_same_linear(with_bias):
     w = torch.randn(19, 33, generator=g)
     b = torch.randn(19, generator=g) if with_bias else None
     ref = (x.double() @ w.double().T + (b.double() if with_bias else 0)).float()
-    for f in range(len(FORMULATIONS)):
+    for f in range(3):  # the cuBLAS formulations (plain matmuls on CPU)
         y = linear_as(x, w, b, f)
         assert y.shape == (2, 7, 19) and y.is_contiguous()
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    assert not any(applies(f, x, w) for f in range(3, _N))  # the GEMV takes one row only
     before = torch.backends.cuda.preferred_blas_library()
     linear_as(x, w, b, 2)
     assert torch.backends.cuda.preferred_blas_library() == before  # the global preference is restored
 
 
+@pytest.mark.skipif(not _INTERP, reason="the Triton GEMV runs on CPU tensors only under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N, K, with_bias", [(19, 33, False), (64, 1100, True), (3, 4097, False)])
+def test_gemv_matches_reference(dtype, N, K, with_bias):
+    """Every GEMV launch shape on fresh random inputs, N and K not multiples of the blocks."""
+    g = torch.Generator().manual_seed(N * K)
+    x = torch.randn(1, 1, K, generator=g).to(dtype)
+    w = torch.randn(N, K, generator=g).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype) if with_bias else None
+    ref = x.double() @ w.double().T + (b.double() if with_bias else 0)
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2 * K ** 0.5)
+    for f in range(3, _N):
+        assert applies(f, x, w)
+        y = linear_as(x, w, b, f)
+        assert y.shape == (1, 1, N) and y.dtype == dtype
+        torch.testing.assert_close(y.double(), ref, **tol)
+    assert not applies(3, x, w.t().contiguous().t())  # rows must be contiguous
+
+
 def test_choice_follows_timings_with_a_margin():
     x, w = torch.randn(4, 8), torch.randn(5, 8)
-    assert GemmPicker(device_types=("cpu",), timer=_FakeTimer((10.0, 9.5, 12.0))).formulation(x, w, None) == 0  # < 10 % gain
+    assert GemmPicker(device_types=("cpu",), timer=_FakeTimer((10.0, 9.8, 12.0))).formulation(x, w, None) == 0  # < 3 % gain
     assert GemmPicker(device_types=("cpu",), timer=_FakeTimer((10.0, 8.0, 12.0))).formulation(x, w, None) == 1
     assert GemmPicker(device_types=("cpu",), timer=_FakeTimer((54.0, 8.3, 7.5))).formulation(x, w, None) == 2
     assert GemmPicker(device_types=("cpu",), timer=_FakeTimer((10.0, float("inf"), 3.0))).formulation(x, w, None) == 2
+    # a GEMV that times fastest is not taken for 4 rows (it does not apply)
+    assert GemmPicker(device_types=("cpu",), timer=_FakeTimer((10.0, 11.0, 12.0, 1.0))).formulation(x, w, None) == 0
     timer = _FakeTimer((10.0, 5.0, 12.0))
     p = GemmPicker(device_types=("cpu",), timer=timer)
     for _ in range(3):  # timed once per shape
@@ -57,7 +85,7 @@ def test_choice_follows_timings_with_a_margin():
         p.formulation(x.unsqueeze(0), w, None)  # [1, 4, 8] is the same 4-row problem
     p.formulation(torch.randn(2, 8), w, None)
     assert timer.calls == [(4, 5, 8, False), (2, 5, 8, False)]
-    assert p.timings[(None, 4, 5, 8, False)] == (10.0, 5.0, 12.0)
+    assert p.timings[(None, "float32", 4, 5, 8, False)][:3] == (10.0, 5.0, 12.0)
 
 
 def _model_logits(model, ids):
@@ -102,14 +130,16 @@ def test_mode_leaves_other_dtypes_and_devices_alone():
     assert timer.calls == []
     p2 = GemmPicker(device_types=("cpu",), timer=timer)
     with p2.mode():
-        F.linear(x.double(), w.double())  # not fp32: untouched
+        F.linear(x.double(), w.double())  # float64: untouched
+        with pytest.raises(RuntimeError):  # mixed dtypes: untouched, F.linear raises as usual
+            F.linear(x.bfloat16(), w)
     assert timer.calls == []
 
 
 @pytest.mark.parametrize("drafter_name", ["chain", "tree"])
 def test_runner_with_picker_matches_eager(drafter_name):
-    """The runner's tree buckets under the picker (every shape taking a non-default formulation)
-    commit exactly the eager loop's tokens; the one-token step is not re-routed."""
+    """The runner's steps under the picker (every shape taking a non-default formulation) commit
+    exactly the eager loop's tokens, tree buckets and the one-token step alike."""
     model = tiny_model("llama", seed=6)
     prompt = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(8))
     ref = specdec.generate(model, prompt, max_new_tokens=32, cuda_graphs=False)
@@ -122,15 +152,31 @@ def test_runner_with_picker_matches_eager(drafter_name):
     out = specdec.generate(model, prompt, drafter=drafter, max_new_tokens=32, budget=6, verifier=SDPAVerifier(),
                            cuda_graphs=runner)
     assert out.new_tokens == ref.new_tokens
-    assert timer.calls and all(m > 1 for m, *_ in timer.calls)  # only tree buckets were routed
+    assert timer.calls and any(m > 1 for m, *_ in timer.calls)  # tree buckets were routed
     ar = specdec.generate(model, prompt, max_new_tokens=8, verifier=SDPAVerifier(), cuda_graphs=runner)
     assert ar.new_tokens[0] == ref.new_tokens[0][:8]
+    assert any(m == 1 for m, *_ in timer.calls)  # and the one-token step
     assert runner.gemm is picker
 
 
-def test_runner_picks_only_for_fp32_cuda_by_default():
+def test_runner_picks_only_on_cuda_by_default():
     model = tiny_model("llama", seed=6)
     runner = CUDAGraphRunner(model, SDPAVerifier(), verify_step, 1, 64, buckets=(1,), capture=False)
     assert runner.gemm is None  # CPU: off unless asked
     runner = CUDAGraphRunner(model, SDPAVerifier(), verify_step, 1, 64, buckets=(1,), capture=False, pick_gemm=True)
     assert isinstance(runner.gemm, GemmPicker) and runner.gemm.device_types == ("cuda",)
+
+
+@pytest.mark.skipif(not _INTERP, reason="the Triton GEMV runs on CPU tensors only under TRITON_INTERPRET=1")
+def test_runner_with_gemv_matches_eager():
+    """The one-token steps through the Triton GEMV (forced for every one-row shape) commit the
+    eager loop's tokens (fp32)."""
+    model = tiny_model("llama", seed=6)
+    prompt = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(8))
+    ref = specdec.generate(model, prompt, max_new_tokens=12, cuda_graphs=False)
+    timer = _FakeTimer((10.0, 11.0, 12.0, 1.0))
+    picker = GemmPicker(device_types=("cpu",), timer=timer)
+    runner = CUDAGraphRunner(model, SDPAVerifier(), verify_step, 1, 64, buckets=(1,), capture=False, pick_gemm=picker)
+    out = specdec.generate(model, prompt, max_new_tokens=12, verifier=SDPAVerifier(), cuda_graphs=runner)
+    assert out.new_tokens == ref.new_tokens
+    assert picker.choice and all(f == 3 for k, f in picker.choice.items() if k[2] == 1)

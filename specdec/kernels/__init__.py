@@ -1,0 +1,1 @@
+"""Triton kernels of the target's own forward (see :mod:`specdec.gemm_pick`)."""
