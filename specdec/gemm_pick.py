@@ -45,8 +45,10 @@ _N_CUBLAS = 3  # formulations 0-2; then one GEMV per launch shape
 
 
 def _gemv_configs() -> tuple[dict, ...]:
-    from .kernels.gemv import GEMV_CONFIGS
-
+    try:
+        from .kernels.gemv import GEMV_CONFIGS
+    except ImportError:  # no Triton: cuBLAS formulations only
+        return ()
     return GEMV_CONFIGS
 
 
