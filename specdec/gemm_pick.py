@@ -95,7 +95,7 @@ class GemmPicker:
     median of ``trials`` replays.
 
     Args:
-        device_types: devices whose fp32 linears the mode re-routes (CUDA; tests add ``"cpu"``).
+        device_types: devices whose float linears the mode re-routes (CUDA; tests add ``"cpu"``).
         timer: ``timer(x [M, K], weight, bias) -> µs per formulation``; default: CUDA-graph timing.
     """
 
@@ -185,7 +185,6 @@ def shared_picker() -> GemmPicker:
     if _SHARED is None:
         _SHARED = GemmPicker()
     return _SHARED
-
 
 
 class _LinearMode(TorchFunctionMode):
