@@ -32,6 +32,10 @@ JIT, allocator warm-up) and may advance ``cache.lengths``; the callback puts it 
 capture and the real replay. K/V written to slots past the committed length are scratch that the
 next forward overwrites (gpt-fast's no-rollback cache).
 
+GEMMs: warm-up and capture run under the process-wide GEMM picker (:mod:`specdec.gemm_pick`), as
+the target's verify step does: each linear shape of the draft forwards uses its fastest measured
+formulation (e.g. the Triton GEMV for a chain's one-row levels).
+
 Memory: each :class:`DraftGraphs` has its own graph memory pool; graph outputs are copied into
 buffers allocated outside the capture, so no graph's pool memory is live between replays and the
 graphs may share the pool in any replay order.
@@ -39,6 +43,7 @@ graphs may share the pool in any replay order.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections.abc import Callable, Hashable, Sequence
@@ -177,12 +182,15 @@ class DraftGraphs:
 
     @torch.inference_mode()
     def _capture(self, key, body, restore) -> _Entry:
+        from . import gemm_pick
+
         t0 = time.perf_counter()
         dev = torch.cuda.current_device()
         cur = torch.cuda.current_stream(dev)
         s = torch.cuda.Stream(dev)
         s.wait_stream(cur)
-        with torch.cuda.stream(s):
+        picked = gemm_pick.shared_picker().mode if gemm_pick.ENABLED else contextlib.nullcontext
+        with torch.cuda.stream(s), picked():
             for _ in range(2):  # Triton JIT / autotune and allocator warm-up, outside the capture
                 res = tuple(body())
                 if restore is not None:
@@ -194,7 +202,7 @@ class DraftGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self._pool):
+        with torch.cuda.graph(g, pool=self._pool), picked():
             res = tuple(body())
             for o, r in zip(outs, res):
                 o.copy_(r)
