@@ -408,19 +408,30 @@ def bench_smollm2(args, graphs: Graphs, device) -> None:
                                      verifier=verifier, **gk)
             n_capt = len(dg.stats.captures) if dg is not None else 0
             toks, tp, taus, steps, drafts, verifs = [], [], [], 0, 0.0, 0.0
-            for p in prompts:
-                out = specdec.generate(model, p, drafter=make_drafter(), max_new_tokens=args.new, budget=budget,
-                                       verifier=verifier, **gk)
-                s = out.stats
-                toks.append(out.new_tokens[0])
-                tp.append(s.tpot_s)
-                taus.append((s.tau, s.verify_steps))
-                steps += s.verify_steps
-                drafts += s.draft_s
-                verifs += s.verify_s
+            # Every object alive now (tries of the lookahead caches: ~10^5-10^6 Python objects) out of
+            # the collector's way: a full collection over them costs ~0.1-0.4 s and would land in
+            # some row's timed calls at random (HybridLookahead [compiled] measured 1.8x slow twice).
+            gc.collect()
+            gc.freeze()
+            full_gcs = gc.get_stats()[2]["collections"]
+            try:
+                for p in prompts:
+                    out = specdec.generate(model, p, drafter=make_drafter(), max_new_tokens=args.new, budget=budget,
+                                           verifier=verifier, **gk)
+                    s = out.stats
+                    toks.append(out.new_tokens[0])
+                    tp.append(s.tpot_s)
+                    taus.append((s.tau, s.verify_steps))
+                    steps += s.verify_steps
+                    drafts += s.draft_s
+                    verifs += s.verify_s
+            finally:
+                full_gcs = gc.get_stats()[2]["collections"] - full_gcs
+                gc.unfreeze()
             tau = sum(t * n for t, n in taus) / max(sum(n for _, n in taus), 1)
             rows[name] = dict(tpot_s=sum(tp) / len(tp), tau=tau, tokens=toks, budget=budget, compiled=compiled,
-                              draft_per_step_s=drafts / max(steps, 1), verify_per_step_s=verifs / max(steps, 1))
+                              draft_per_step_s=drafts / max(steps, 1), verify_per_step_s=verifs / max(steps, 1),
+                              full_gc_while_timed=full_gcs)
             if runner is not None:
                 rows[name]["verify_graphs_captured_while_timed"] = len(runner._buckets) - n_verify
             if dg is not None:
