@@ -86,9 +86,8 @@ def profile_bucket(runner, n: int, prefix: int) -> dict:
 @torch.inference_mode()
 def child(kind: str, variant: str, out: str, prof: tuple[int, ...]) -> None:
     import specdec
-    from specdec.cuda_graph import _RUNNERS
-
     from specdec import gemm_pick
+    from specdec.cuda_graph import _RUNNERS
 
     compile = VARIANTS[variant]
     gemm_pick.ENABLED = not variant.endswith("no-pick")

@@ -335,13 +335,12 @@ def _decode_warm_split(model, warm_prompts, args, verifier, gk) -> list[tuple[li
 def _warm_cache(warm_outputs):
     """A Turbo cache that has served the warm-up split (prompt-side and output-side statistics, as
     serving those requests would have left them), children ranked."""
+    from benchmarks.bench_lookahead import feed
     from lookahead import TurboLookaheadCache
 
     cache = TurboLookaheadCache()
     for prompt, output in warm_outputs:
-        h = cache.begin(prompt)
-        cache.extend(h, output)
-        cache.end(h)
+        feed(cache, {"prompt": prompt, "output": output})
     cache.rank_all()
     return cache
 

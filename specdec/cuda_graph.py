@@ -34,9 +34,10 @@ lazily, the first time a tree of that size shows up.
 ``compile=True`` (or a backend name, or a dict of Inductor options) puts
 ``torch.compile(fullgraph=True)`` of the target's forward inside the captured step: Inductor fuses
 the norms, rotary, activations and residual adds that HF's modeling code runs as separate kernels
-(the Triton tree kernel and the cache write enter the traced graph as custom ops, ``specdec::tree_attention`` / ``specdec::kv_write``). Compilation happens at a
-bucket's first capture: the first bucket compiles with static shapes, the second one recompiles with
-the tree size symbolic, and that graph serves every later bucket (dynamo's automatic dynamic shapes).
+(the Triton tree kernel and the cache write enter the traced graph as custom ops,
+``specdec::tree_attention`` / ``specdec::kv_write``). Compilation happens at a bucket's first
+capture: the first bucket compiles with static shapes, the second one recompiles with the tree size
+symbolic, and that graph serves every later bucket (dynamo's automatic dynamic shapes).
 
 Model-based drafters capture their own draft steps separately (:mod:`specdec.draft_graphs`, used by
 ``DraftModel`` / ``QuantizedCopy`` / ``EarlyExit`` with ``cuda_graphs=None`` on CUDA); between two
@@ -55,8 +56,7 @@ import torch
 from torch import Tensor
 
 from .cache import StaticTreeCache
-from . import gemm_pick
-from .gemm_pick import GemmPicker, shared_picker
+from .gemm_pick import GemmPicker, default_picker, shared_picker
 from .metrics import DepthCounters
 from .state import AcceptResult, SamplingConfig
 from .tree import TokenTree
@@ -155,10 +155,14 @@ class CUDAGraphRunner:
         self.capture = capture
         self.compile = compile
         self._forward = compiled_forward(compile) if compile else None
-        if pick_gemm is None:  # (Inductor's freezing concatenates linears: they must stay plain mm's)
+        # per-shape GEMM choice for every captured step (Inductor's freezing concatenates linears:
+        # they must stay plain mm's there)
+        if pick_gemm is None:
             freezing = isinstance(compile, Mapping) and bool(compile.get("freezing"))
-            pick_gemm = gemm_pick.ENABLED and self.device.type == "cuda" and self.dtype.is_floating_point and not freezing
-        self.gemm = pick_gemm if isinstance(pick_gemm, GemmPicker) else shared_picker() if pick_gemm else None  # per-shape GEMM choice for tree buckets
+            on = self.device.type == "cuda" and self.dtype.is_floating_point and not freezing
+            self.gemm = default_picker() if on else None
+        else:
+            self.gemm = pick_gemm if isinstance(pick_gemm, GemmPicker) else shared_picker() if pick_gemm else None
         B, dev = self.batch_size, self.device
         self.cache = StaticTreeCache(target.config, B, self.max_len, self.dtype, dev)
         self.sequences = torch.zeros(B, self.max_len + self.max_bucket + 2, dtype=torch.long, device=dev)  # [B, W]

@@ -182,14 +182,15 @@ class DraftGraphs:
 
     @torch.inference_mode()
     def _capture(self, key, body, restore) -> _Entry:
-        from . import gemm_pick
+        from .gemm_pick import default_picker
 
         t0 = time.perf_counter()
         dev = torch.cuda.current_device()
         cur = torch.cuda.current_stream(dev)
         s = torch.cuda.Stream(dev)
         s.wait_stream(cur)
-        picked = gemm_pick.shared_picker().mode if gemm_pick.ENABLED else contextlib.nullcontext
+        picker = default_picker()
+        picked = picker.mode if picker is not None else contextlib.nullcontext
         with torch.cuda.stream(s), picked():
             for _ in range(2):  # Triton JIT / autotune and allocator warm-up, outside the capture
                 res = tuple(body())

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["GemmPicker", "FORMULATIONS", "ENABLED", "linear_as", "applies", "shared_picker"]
+__all__ = ["GemmPicker", "FORMULATIONS", "ENABLED", "linear_as", "applies", "shared_picker", "default_picker"]
 
 ENABLED = True  # process-wide default of ``CUDAGraphRunner(pick_gemm=None)`` (benchmarks' A/B switch)
 _N_CUBLAS = 3  # formulations 0-2; then one GEMV per launch shape
@@ -185,6 +185,12 @@ def shared_picker() -> GemmPicker:
     if _SHARED is None:
         _SHARED = GemmPicker()
     return _SHARED
+
+
+def default_picker() -> GemmPicker | None:
+    """What captured steps use when not told otherwise: :func:`shared_picker`, or ``None`` while
+    :data:`ENABLED` is False."""
+    return shared_picker() if ENABLED else None
 
 
 class _LinearMode(TorchFunctionMode):
