@@ -12,6 +12,8 @@ with each formulation that applies, and the fastest is used from then on:
     1      ``(W @ x.T).T`` made contiguous (cuBLAS sees the transposed problem)
     2      ``F.linear`` with cuBLASLt preferred (``torch.backends.cuda.preferred_blas_library``)
     3, …   the Triton GEMV of :mod:`specdec.kernels.gemv`, one launch shape each (one row only)
+    …      the Triton skinny GEMM of :mod:`specdec.kernels.skinny`, one launch shape each (2-64 rows,
+           bf16 / fp16; tensor cores, no separate split-K reduce launch)
 
 All accumulate in fp32 (IEEE for fp32 inputs; TF32 follows ``torch.backends.cuda.matmul
 .allow_tf32`` as usual) and differ only in summation order, as cuBLAS's kernels already do from one
@@ -38,10 +40,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["GemmPicker", "FORMULATIONS", "ENABLED", "linear_as", "applies", "shared_picker", "default_picker"]
+__all__ = ["GemmPicker", "FORMULATIONS", "GEMV_FORMULATIONS", "SKINNY_FORMULATIONS", "ENABLED", "linear_as", "applies", "shared_picker", "default_picker"]
 
 ENABLED = True  # process-wide default of ``CUDAGraphRunner(pick_gemm=None)`` (benchmarks' A/B switch)
-_N_CUBLAS = 3  # formulations 0-2; then one GEMV per launch shape
+_N_CUBLAS = 3  # formulations 0-2; then one GEMV per launch shape, then one skinny GEMM per launch shape
 
 
 def _gemv_configs() -> tuple[dict, ...]:
@@ -52,23 +54,44 @@ def _gemv_configs() -> tuple[dict, ...]:
     return GEMV_CONFIGS
 
 
+def _skinny_configs() -> tuple[dict, ...]:
+    try:
+        from .kernels.skinny import SKINNY_CONFIGS
+    except ImportError:
+        return ()
+    return SKINNY_CONFIGS
+
+
+_N_GEMV = len(_gemv_configs())
+GEMV_FORMULATIONS = range(_N_CUBLAS, _N_CUBLAS + _N_GEMV)  # indices of the GEMV launch shapes
+SKINNY_FORMULATIONS = range(_N_CUBLAS + _N_GEMV, _N_CUBLAS + _N_GEMV + len(_skinny_configs()))
 FORMULATIONS = ("linear", "transposed", "cublaslt") + tuple(
-    "gemv {BLOCK_N}x{BLOCK_K}/{num_warps}w".format(**c) for c in _gemv_configs())
+    "gemv {BLOCK_N}x{BLOCK_K}/{num_warps}w".format(**c) for c in _gemv_configs()) + tuple(
+    "skinny {BLOCK_N}x{BLOCK_K}/{num_stages}s/k{SPLIT_K}".format(**c) for c in _skinny_configs())
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MIN_GAIN = 0.97  # switch away from ``F.linear`` only when another formulation takes < 97 % of its time
 
 
 def applies(formulation: int, x: Tensor, weight: Tensor) -> bool:
-    """Can ``formulation`` compute this linear? (The GEMV: one row, contiguous rows, and a device
-    Triton runs on.)"""
+    """Can ``formulation`` compute this linear? (The GEMV: one row; the skinny GEMM: 2-64 rows of
+    bf16 / fp16; both: contiguous weight rows and a device Triton runs on.)"""
     if formulation < _N_CUBLAS:
         return True
-    return (x.numel() == x.shape[-1] and weight.stride(1) == 1
-            and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
+    if not (weight.stride(1) == 1 and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")):
+        return False
+    if formulation < _N_CUBLAS + _N_GEMV:
+        return x.numel() == x.shape[-1]
+    from .kernels.skinny import skinny_applies
+
+    return skinny_applies(x, weight)
 
 
 def linear_as(x: Tensor, weight: Tensor, bias: Tensor | None, formulation: int) -> Tensor:
     """``x @ weight.T + bias`` computed with formulation ``formulation`` (see the module docstring)."""
+    if formulation >= _N_CUBLAS + _N_GEMV:
+        from .kernels.skinny import skinny_linear
+
+        return skinny_linear(x, weight, bias, _skinny_configs()[formulation - _N_CUBLAS - _N_GEMV])
     if formulation >= _N_CUBLAS:
         from .kernels.gemv import gemv
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import specdec
 from drafters import Replay
 from specdec.cuda_graph import CUDAGraphRunner
-from specdec.gemm_pick import FORMULATIONS, GemmPicker, applies, linear_as
+from specdec.gemm_pick import FORMULATIONS, GEMV_FORMULATIONS, SKINNY_FORMULATIONS, GemmPicker, applies, linear_as
 from specdec.generate import verify_step
 from tests.helpers import tiny_model
 from verifiers import SDPAVerifier
@@ -62,12 +62,43 @@ def test_gemv_matches_reference(dtype, N, K, with_bias):
     b = torch.randn(N, generator=g).to(dtype) if with_bias else None
     ref = x.double() @ w.double().T + (b.double() if with_bias else 0)
     tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2 * K ** 0.5)
-    for f in range(3, _N):
+    for f in GEMV_FORMULATIONS:
         assert applies(f, x, w)
         y = linear_as(x, w, b, f)
         assert y.shape == (1, 1, N) and y.dtype == dtype
         torch.testing.assert_close(y.double(), ref, **tol)
     assert not applies(3, x, w.t().contiguous().t())  # rows must be contiguous
+    assert not any(applies(f, x, w) for f in SKINNY_FORMULATIONS)  # 2 rows or more
+
+
+_SKINNY_CASES = [(dt, dev) for dev, dts in (("cpu", [torch.float16] if _INTERP else []),
+                                             ("cuda", [torch.float16, torch.bfloat16] if torch.cuda.is_available() else []))
+                 for dt in dts]  # (on CPU fp16 only: the interpreter's ``tl.dot`` mishandles bf16 operands)
+
+
+@pytest.mark.skipif(not _SKINNY_CASES, reason="the Triton skinny GEMM needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("M, N, K, with_bias", [(2, 19, 33, False), (5, 70, 300, True), (16, 64, 1100, False),
+                                                (33, 3, 129, True), (64, 45, 197, False)])
+def test_skinny_matches_reference(M, N, K, with_bias):
+    """Every skinny launch shape (split-K ones included) on fresh random inputs, M, N and K not
+    multiples of the blocks; each called twice, so a split-K counter left dirty would show."""
+    g = torch.Generator().manual_seed(M * N * K)
+    assert len(SKINNY_FORMULATIONS) > 0
+    for dtype, dev in _SKINNY_CASES:
+        w = torch.randn(N, K, generator=g).to(dev, dtype)
+        b = torch.randn(N, generator=g).to(dev, dtype) if with_bias else None
+        for f in SKINNY_FORMULATIONS:
+            for _ in range(2):  # fresh inputs for the second call too
+                x = torch.randn(M, K, generator=g).to(dev, dtype)
+                assert applies(f, x, w)
+                ref = x.double() @ w.double().T + (b.double() if with_bias else 0)
+                y = linear_as(x.view(1, M, K), w, b, f)
+                assert y.shape == (1, M, N) and y.dtype == dtype
+                tol = 2e-3 if dtype == torch.float16 else 1.6e-2  # output rounding of |y| ~ sqrt(K)
+                torch.testing.assert_close(y[0].double(), ref, rtol=tol, atol=tol * K ** 0.5)
+        assert not any(applies(f, x[:1], w) for f in SKINNY_FORMULATIONS)  # one row: the GEMV's
+        assert not any(applies(f, torch.randn(65, K).to(dev, dtype), w) for f in SKINNY_FORMULATIONS)
+        assert not any(applies(f, x.float(), w.float()) for f in SKINNY_FORMULATIONS)  # fp32: cuBLAS
 
 
 def test_choice_follows_timings_with_a_margin():
@@ -180,3 +211,24 @@ def test_runner_with_gemv_matches_eager():
     out = specdec.generate(model, prompt, max_new_tokens=12, verifier=SDPAVerifier(), cuda_graphs=runner)
     assert out.new_tokens == ref.new_tokens
     assert picker.choice and all(f == 3 for k, f in picker.choice.items() if k[2] == 1)
+
+
+@pytest.mark.skipif(not _INTERP, reason="the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("skinny", list(SKINNY_FORMULATIONS)[:1] + list(SKINNY_FORMULATIONS)[-1:])
+def test_runner_with_skinny_matches_eager(skinny):
+    """fp16 tree steps through the Triton skinny GEMM (forced for every shape of 2+ rows; one
+    whole-K and one split-K launch shape) commit the eager loop's tokens."""
+    model = tiny_model("llama", seed=6).half()
+    prompt = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(8))
+    ref = specdec.generate(model, prompt, max_new_tokens=24, cuda_graphs=False)
+    drafter = Replay(ref.new_tokens[0], 0.4, branching=2, seed=3)
+    timer = _FakeTimer((10.0, 11.0, 12.0) + (float("inf"),) * len(GEMV_FORMULATIONS)
+                       + tuple(1.0 if f == skinny else float("inf") for f in SKINNY_FORMULATIONS))
+    picker = GemmPicker(device_types=("cpu",), timer=timer)
+    runner = CUDAGraphRunner(model, SDPAVerifier(), verify_step, 1, 64, buckets=(1, 4, 16), capture=False,
+                             pick_gemm=picker)
+    out = specdec.generate(model, prompt, drafter=drafter, max_new_tokens=24, budget=6, verifier=SDPAVerifier(),
+                           cuda_graphs=runner)
+    assert out.new_tokens == ref.new_tokens
+    multi = {k: f for k, f in picker.choice.items() if k[2] > 1}
+    assert multi and all(f == skinny for f in multi.values())

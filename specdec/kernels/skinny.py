@@ -1,0 +1,162 @@
+"""Few-row linear (``2 <= M <= 64``): ``y = x @ W.T (+ b)`` on tensor cores, weights read once.
+
+Why: a verify step of a few to 64 tree nodes is, like the one-token step, a chain of weight reads,
+but cuBLAS runs it with split-K kernels plus a separate reduce launch per linear. On an H200 at
+Llama-3-8B shapes (``notes/issue6.md``, sixth session) a 16-node bf16 verify spent 4.58 ms in GEMMs
+(160 of them with a 1.7 µs reduce kernel) where the one-token step's GEMVs take 3.89 ms, so verify
+grew 1.25x from one node to 16 while the weights read are the same.
+
+Here each program owns ``BLOCK_N`` whole weight rows and all ``M`` rows of ``x`` (padded to
+``BLOCK_M`` >= 16 for the MMA): it walks K in ``BLOCK_K`` chunks, software-pipelined over
+``num_stages``, multiplies ``W_tile [BLOCK_N, BLOCK_K] @ x_tile.T [BLOCK_K, BLOCK_M]`` on tensor cores
+with fp32 accumulation, and writes ``y.T``. No split-K, one launch, a fixed summation order per
+output (so replays are bit-reproducible). The weight stream is marked evict-first so that ``x``,
+which every program re-reads, stays in L2. This is the "swap AB" layout that skinny-GEMM kernels use
+(e.g. TensorRT-LLM's and vLLM's small-batch GEMMs): the long dimension, the weight rows, takes the
+MMA's M side.
+
+:mod:`specdec.gemm_pick` times it against cuBLAS per shape and uses it only where it is faster.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["skinny_linear", "SKINNY_CONFIGS", "SKINNY_MAX_M", "SKINNY_DTYPES"]
+
+SKINNY_MAX_M = 64
+SKINNY_DTYPES = (torch.bfloat16, torch.float16)  # fp32 would need IEEE dots on CUDA cores: slower than cuBLAS
+
+# Launch shapes the picker tries: the winners of the H200 probe over Llama-3-8B's bf16 shapes at
+# M = 2..64 (``notes/issue6.md``, sixth session): whole-K 256- and 128-wide steps for the q/o, MLP
+# and head shapes; split-K 2 for ``down`` (K = 14336); split-K 8 for the narrow k/v (N = 1024, where
+# 16 tiles of 64 rows would leave most SMs idle).
+SKINNY_CONFIGS: tuple[dict, ...] = (
+    dict(BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=5, SPLIT_K=1),
+    dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4, SPLIT_K=1),
+    dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, SPLIT_K=1),
+    dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=5, SPLIT_K=2),
+    dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4, SPLIT_K=8),
+)
+
+
+@triton.jit
+def _skinny(
+    X, W, BIAS, Y, WS, CNT,
+    M, N, K, k_per_split,
+    stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)  # which K chunk (SPLIT_K > 1)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output columns = weight rows
+    rm = tl.arange(0, BLOCK_M)  # [BLOCK_M] rows of x
+    n_ok = rn < N
+    m_ok = rm < M
+    w_rows = W + rn.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
+    x_rows = X + rm[:, None] * stride_xm  # [BLOCK_M, 1]
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(K, k_lo + k_per_split)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+        k_ok = rk < k_hi
+        w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
+                    eviction_policy="evict_first")  # [BLOCK_N, BLOCK_K]
+        x = tl.load(x_rows + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        acc = tl.dot(w, tl.trans(x), acc)  # [BLOCK_N, BLOCK_M]
+    y_ptrs = Y + rm[None, :] * stride_ym + rn[:, None]  # [BLOCK_N, BLOCK_M], y is [M, N]
+    y_ok = n_ok[:, None] & m_ok[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=y_ok)
+    else:
+        # Deterministic split-K in one launch: every chunk stores its partial tile; the program that
+        # arrives last at the tile's counter sums the partials in chunk order, writes y and resets
+        # the counter (so the workspace needs no memset between calls or replays).
+        tile_elems = BLOCK_N * BLOCK_M
+        local = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]  # [BLOCK_N, BLOCK_M]
+        tl.store(WS + (pid_k * tl.num_programs(0) + pid) * tile_elems + local, acc)
+        tl.debug_barrier()  # every thread's partial is issued before the arrival is published
+        arrived = tl.atomic_add(CNT + pid, 1, sem="acq_rel")  # old value
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for s in range(SPLIT_K):
+                total += tl.load(WS + (s * tl.num_programs(0) + pid) * tile_elems + local, volatile=True)
+            if HAS_BIAS:
+                total += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            tl.store(y_ptrs, total.to(Y.dtype.element_ty), mask=y_ok)
+            tl.atomic_xchg(CNT + pid, 0, sem="relaxed")
+
+
+_WORKSPACE: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
+def _workspace(device: torch.device, tiles: int, tile_elems: int, split_k: int) -> tuple[Tensor, Tensor]:
+    """fp32 partial tiles ``[split_k, tiles, tile_elems]`` and int32 counters ``[tiles]``, one pair per
+    launch shape, never freed: a captured graph keeps pointing at them. The kernels leave the counters
+    at zero, so the pair is reusable by every later call and replay of that shape on any stream (calls
+    of one shape must not run concurrently). Created by the first (eager) call, before any capture."""
+    key = (str(device), tiles, tile_elems, split_k)
+    ws = _WORKSPACE.get(key)
+    if ws is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("skinny_linear: first split-K call of a shape inside a CUDA graph capture; "
+                               "call it once eagerly first")
+        ws = (torch.empty(split_k * tiles * tile_elems, device=device, dtype=torch.float32),
+              torch.zeros(tiles, device=device, dtype=torch.int32))
+        _WORKSPACE[key] = ws
+    return ws
+
+
+def skinny_applies(x: Tensor, weight: Tensor) -> bool:
+    """Shapes and dtypes :func:`skinny_linear` takes."""
+    M = x.numel() // max(x.shape[-1], 1)
+    return (2 <= M <= SKINNY_MAX_M and x.dtype in SKINNY_DTYPES and weight.dtype == x.dtype
+            and weight.stride(1) == 1)
+
+
+def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, config: dict | None = None) -> Tensor:
+    """``x @ weight.T + bias`` for ``2 <= M <= 64`` rows of ``x`` (16-bit dtypes).
+
+    Args:
+        x: ``[..., K]``, ``M`` rows in all; bf16 or fp16.
+        weight: ``[N, K]`` with contiguous rows (``stride(1) == 1``), the dtype of ``x``.
+        bias: optional ``[N]``.
+        config: one of :data:`SKINNY_CONFIGS` (default: the first).
+    Returns:
+        ``[..., N]`` in ``x``'s dtype (fp32 accumulation).
+    """
+    N, K = weight.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"skinny_linear: x has {x.shape[-1]} features, weight expects {K}")
+    if not skinny_applies(x, weight):
+        raise ValueError(f"skinny_linear takes 2..{SKINNY_MAX_M} rows of bf16/fp16 with contiguous weight "
+                         f"rows; got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}")
+    cfg = dict(config or SKINNY_CONFIGS[0])
+    x2 = x.reshape(-1, K)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)  # [M, N]
+    bm, bn, bk = max(16, triton.next_power_of_2(M)), cfg["BLOCK_N"], cfg["BLOCK_K"]
+    split = min(cfg.get("SPLIT_K", 1), triton.cdiv(K, bk))
+    k_per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk  # a multiple of BLOCK_K
+    split = triton.cdiv(K, k_per_split)
+    tiles = triton.cdiv(N, bn)
+    ws, cnt = _workspace(x.device, tiles, bn * bm, split) if split > 1 else (y, y)
+    _skinny[(tiles, split)](
+        x2, weight, bias if bias is not None else y, y, ws, cnt,
+        M, N, K, k_per_split, x2.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return y.reshape(*x.shape[:-1], N)
