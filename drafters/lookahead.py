@@ -55,7 +55,7 @@ def proposals_to_tree(state: DecodeState, proposals: list[Proposal | None], voca
         rows_tok.append(tok)
         rows_par.append(par)
     n = max(len(r) for r in rows_tok)
-    return TokenTree._from_rows(rows_tok, rows_par, n, state.device)
+    return TokenTree._from_rows(rows_tok, rows_par, n, state.tree_device)
 
 
 def _check_budget(budget) -> None:

@@ -85,4 +85,4 @@ class Replay:
             rows_tok.append(tok)
             rows_par.append(par)
         n = max(len(r) for r in rows_tok)
-        return TokenTree._from_rows(rows_tok, rows_par, n, state.device)
+        return TokenTree._from_rows(rows_tok, rows_par, n, state.tree_device)

@@ -103,6 +103,8 @@ class _Bucket:
     path_len: Tensor  # [B] out
     bonus: Tensor  # [B] out
     host: Tensor  # [B, 1 + n] out: [path_len, committed tokens...] (read back by the engine)
+    packed: Tensor | None = None  # [B, 3, n] int64 in: tokens, parents, valid; unpacked inside the graph
+    staged: Tensor | None = None  # [B, 3, n] int64 on the host (pinned on CUDA): a host tree, one copy to ``packed``
     graph: "torch.cuda.CUDAGraph | None" = None
     replays: int = 0
 
@@ -243,22 +245,40 @@ class CUDAGraphRunner:
         return AcceptResult(path=b.path, path_len=b.path_len, bonus=b.bonus), b.host
 
     def _load(self, b: _Bucket, tree: TokenTree) -> None:
-        """Copy a tree into the bucket's static inputs; the tail becomes padding off the root."""
+        """Copy a tree into the bucket's packed input; the tail becomes padding off the root.
+
+        A tree on the host (``DecodeState.tree_device``) is written into the pinned staging buffer
+        and sent in ONE asynchronous copy (safe to overwrite next step: the engine's read-back of
+        this step comes after the copy on the stream). A tree on the device is copied field by field.
+        """
         n = tree.num_nodes
-        b.tokens[:, :n].copy_(tree.tokens)
-        b.parents[:, :n].copy_(tree.parents)
+        if tree.tokens.device.type == "cpu" and b.staged is not None:
+            st = b.staged  # [B, 3, nb]
+            st[:, 0, :n] = tree.tokens
+            st[:, 1, :n] = tree.parents
+            st[:, 2, :n] = 1 if tree.valid is None else tree.valid
+            if n < b.n:  # padding: invalid children of the root (tokens left stale: never accepted)
+                st[:, 1:, n:] = 0
+            b.packed.copy_(st, non_blocking=True)
+            return
+        pk = b.packed
+        pk[:, 0, :n].copy_(tree.tokens)
+        pk[:, 1, :n].copy_(tree.parents)
         if tree.valid is None:
-            b.valid[:, :n].fill_(True)
+            pk[:, 2, :n].fill_(1)
         else:
-            b.valid[:, :n].copy_(tree.valid)
-        if n < b.n:  # padding: invalid children of the root (tokens left stale: never accepted)
-            b.parents[:, n:].fill_(0)
-            b.valid[:, n:].fill_(False)
+            pk[:, 2, :n].copy_(tree.valid)
+        if n < b.n:
+            pk[:, 1:, n:].fill_(0)
 
     def _run(self, b: _Bucket) -> None:
         """The captured function: static inputs -> static outputs (all device work)."""
         if b.root_only:  # the last committed token, gathered on device
             b.tokens.copy_(self.sequences.gather(1, (self.seq_lens - 1).unsqueeze(1)))  # [B, 1]
+        else:  # unpack the tree loaded by _load
+            b.tokens.copy_(b.packed[:, 0])
+            b.parents.copy_(b.packed[:, 1])
+            b.valid.copy_(b.packed[:, 2] != 0)
         tree = TokenTree(tokens=b.tokens, parents=b.parents, valid=b.valid)
         target = self._target()
         if self._forward is not None:
@@ -283,6 +303,7 @@ class CUDAGraphRunner:
         parents[:, 0] = -1
         valid = torch.zeros(B, n, dtype=torch.bool, device=dev)
         valid[:, 0] = True
+        packed = torch.stack([torch.zeros_like(parents), parents, valid.long()], 1)  # [B, 3, n]
         b = _Bucket(
             n=n, root_only=root_only,
             tokens=torch.zeros(B, n, dtype=torch.long, device=dev), parents=parents, valid=valid,
@@ -290,6 +311,8 @@ class CUDAGraphRunner:
             path_len=torch.zeros(B, dtype=torch.long, device=dev),
             bonus=torch.zeros(B, dtype=torch.long, device=dev),
             host=torch.zeros(B, 1 + n, dtype=torch.long, device=dev),
+            packed=packed,
+            staged=packed.cpu().pin_memory() if dev.type == "cuda" else packed.clone(),
         )
         if self.capture:
             self._capture(b)

@@ -322,6 +322,7 @@ def generate(
         generator=generator,
         max_total_len=max_total,
         done=[False] * B,
+        host_trees_to_cpu=graphs is not None and device.type == "cuda",
     )
 
     # 0. prefill: the prompt as a causal chain, all of it committed; first token from the last logits
@@ -369,7 +370,7 @@ def generate(
         timer.mark("verify")
         step = graphs.step(tree, active_host) if graphs is not None else None
         if step is None:
-            tree = tree if tree is not None else TokenTree.root_only(state.roots)
+            tree = tree.to(device) if tree is not None else TokenTree.root_only(state.roots)
             active = torch.tensor(active_host, device=device)
             view_len = max(len(t) for t in host_tokens) - 1 + tree.num_nodes
             step = verify_step(target, verifier, tree, cache, view_len, sampling, generator, active, sequences,

@@ -67,6 +67,7 @@ class DecodeState:
     max_total_len: int  # T_max: the cache and the buffer never grow past this
     done: list[bool] = field(default_factory=list)
     extras: dict = field(default_factory=dict)  # drafters may keep per-call scratch here
+    host_trees_to_cpu: bool = False  # set by the engine when a CUDA-graph runner takes the steps
 
     @property
     def batch_size(self) -> int:
@@ -75,6 +76,14 @@ class DecodeState:
     @property
     def device(self) -> torch.device:
         return self.sequences.device
+
+    @property
+    def tree_device(self) -> torch.device:
+        """Where a drafter that builds its tree on the host should leave it: the CPU while a
+        CUDA-graph runner takes the steps (it stages the tree through pinned memory in one copy,
+        where a device tree built on the host costs one blocking copy per field), else
+        :attr:`device`. Trees computed on the device stay there either way."""
+        return torch.device("cpu") if self.host_trees_to_cpu else self.device
 
     @property
     def roots(self) -> Tensor:

@@ -134,22 +134,19 @@ class TokenTree:
 
     @staticmethod
     def _from_rows(rows_tok: list[list[int]], rows_par: list[list[int]], n: int, device) -> "TokenTree":
+        """A tree from host lists (rows shorter than ``n`` are padded with invalid nodes off the
+        root). Built with one ``torch.tensor`` per field; copied to ``device`` unless it is the CPU
+        (the CUDA-graph runner stages host trees itself, in one copy: see ``DecodeState.tree_device``)."""
         B = len(rows_tok)
-        tokens = torch.zeros(B, n, dtype=torch.long)
-        parents = torch.zeros(B, n, dtype=torch.long)
-        valid = torch.zeros(B, n, dtype=torch.bool)
-        for b in range(B):
-            k = len(rows_tok[b])
-            tokens[b, :k] = torch.tensor(rows_tok[b])
-            parents[b, :k] = torch.tensor(rows_par[b])
-            valid[b, :k] = True
-        parents[:, 0] = -1
-        needs_pad = not bool(valid.all())
-        return TokenTree(
-            tokens=tokens.to(device),
-            parents=parents.to(device),
-            valid=valid.to(device) if needs_pad else None,
-        )
+        lens = [len(r) for r in rows_tok]
+        needs_pad = any(k != n for k in lens)
+        tokens = torch.tensor([r + [0] * (n - len(r)) for r in rows_tok], dtype=torch.long)  # [B, n]
+        parents = torch.tensor([[-1] + list(r[1:]) + [0] * (n - len(r)) for r in rows_par], dtype=torch.long)
+        valid = None
+        if needs_pad:
+            valid = torch.tensor([[True] * k + [False] * (n - k) for k in lens], dtype=torch.bool)  # [B, n]
+        tree = TokenTree(tokens=tokens, parents=parents, valid=valid)
+        return tree if torch.device(device).type == "cpu" else tree.to(device)
 
     def pad_to(self, n: int) -> "TokenTree":
         """Pad to ``n`` nodes with invalid nodes hanging off the root (for fixed-size buckets)."""
@@ -247,6 +244,10 @@ class TokenTree:
         return out
 
     def to(self, device) -> "TokenTree":
+        """This tree on ``device`` (itself when it is already there)."""
+        d = torch.device(device)
+        if self.tokens.device.type == d.type and d.index in (None, self.tokens.device.index):
+            return self
         return TokenTree(
             tokens=self.tokens.to(device),
             parents=self.parents.to(device),

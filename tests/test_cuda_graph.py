@@ -152,15 +152,47 @@ def test_runner_rejects_misfits_and_cpu_graphs():
             CUDAGraphRunner(model, SDPAVerifier(), verify_step, 1, 64)  # capture needs CUDA
 
 
-def test_tree_larger_than_every_bucket_runs_eagerly():
-    model = tiny_model("llama")
-    prompt = _prompt(seed=2)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_tree_larger_than_every_bucket_runs_eagerly(device):
+    """On CUDA the drafter leaves its host-built tree on the CPU for the runner; the eager
+    fallback moves it to the device."""
+    import copy
+
+    model = tiny_model("llama") if device == "cpu" else copy.deepcopy(tiny_model("llama")).cuda()
+    prompt = _prompt(seed=2).to(device)
     ref = specdec.generate(model, prompt, max_new_tokens=20, cuda_graphs=False)
-    runner = CUDAGraphRunner(model, SDPAVerifier(), verify_step, 1, 256, buckets=(1, 2), capture=False)
+    runner = CUDAGraphRunner(model, SDPAVerifier(), verify_step, 1, 256, buckets=(1, 2), capture=device == "cuda")
     out = specdec.generate(model, prompt, drafter=Replay(ref.new_tokens[0], 0.0), max_new_tokens=20, budget=4,
                            verifier=SDPAVerifier(), cuda_graphs=runner)
     assert out.new_tokens == ref.new_tokens
     assert runner.stats.eager_steps == out.stats.verify_steps  # 5-node trees > bucket 2: every step eager
+
+
+def test_host_and_device_trees_load_the_same_inputs():
+    """``_load`` stages a host tree in one copy and copies a device tree field by field: both
+    leave the same packed input, padding included, and the unpacked tree is the padded tree."""
+    model = tiny_model("llama")
+    runner = CUDAGraphRunner(model, SDPAVerifier(), verify_step, 2, 64, buckets=(8,), capture=False)
+    b = runner._bucket(8, root_only=False)
+    trees = [TokenTree._from_rows([[5, 6, 7, 8, 9], [4, 3]], [[-1, 0, 1, 1, 3], [-1, 0]], 5, "cpu"),
+             TokenTree._from_rows([[1, 2, 3, 4, 5, 6, 7, 8]] * 2, [[-1, 0, 1, 2, 3, 4, 5, 6]] * 2, 8, "cpu"),
+             TokenTree._from_rows([[9, 8]] * 2, [[-1, 0]] * 2, 2, "cpu")]
+    staged = b.staged
+    for tree in trees:
+        b.packed.fill_(-7)  # stale inputs everywhere
+        runner._load(b, tree)
+        via_host = b.packed.clone()
+        b.packed.fill_(-7)
+        b.staged = None  # as for a tree computed on the device
+        runner._load(b, tree)
+        b.staged = staged
+        via_fields = b.packed.clone()
+        n = tree.num_nodes
+        assert torch.equal(via_host[:, 1:], via_fields[:, 1:]) and torch.equal(via_host[:, 0, :n], via_fields[:, 0, :n])
+        padded = pad_to_bucket(tree, (8,))
+        assert torch.equal(via_host[:, 1], padded.parents) and torch.equal(via_host[:, 2] != 0, padded.valid_mask)
+        assert torch.equal(via_host[:, 0, :n], tree.tokens)
 
 
 # ---------------------------------------------------------------- real graphs (CUDA only)

@@ -272,7 +272,7 @@ def test_proposals_to_tree_layout_and_vocab_filter():
 
     from drafters.lookahead import proposals_to_tree
 
-    state = SimpleNamespace(host_tokens=[[5, 6, 7], [1, 2]], device=torch.device("cpu"))
+    state = SimpleNamespace(host_tokens=[[5, 6, 7], [1, 2]], device=torch.device("cpu"), tree_device=torch.device("cpu"))
     prop = Proposal([4, 300, 9, 8], [-1, 0, 1, -1], 2)  # 300 is outside a vocab of 256: it and 9 go
     tree = proposals_to_tree(state, [prop, None], vocab=256)
     assert tree.tokens.tolist() == [[7, 4, 8], [2, 0, 0]]  # padding nodes (invalid)
