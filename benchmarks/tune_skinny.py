@@ -1,0 +1,105 @@
+"""Launch-shape sweep of the Triton skinny GEMM (``specdec.kernels.skinny``) against cuBLAS (GPU).
+
+For Llama-3-8B's bf16 linear shapes and M = 2..64 rows, times every launch shape of a grid
+(weight rows per program, K step, pipeline stages, split-K) with the picker's method: a CUDA graph
+of back-to-back calls over weight copies that together exceed 2x L2, median of 5 replays. Each
+config is checked against ``F.linear`` before it is timed. Prints, per shape and M, cuBLAS /
+cuBLASLt and the five fastest configs; ``SKINNY_CONFIGS`` was chosen from this table
+(``notes/issue6_h200_s6_skinny_probe2.txt``).
+
+usage: python -m benchmarks.tune_skinny [--ms 2,4,8,16,32,64] [--budget-s 470] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {"k/v": (1024, 4096), "q/o": (4096, 4096), "gate/up": (14336, 4096), "down": (4096, 14336),
+          "lm_head": (128256, 4096)}  # name -> (N, K)
+
+
+def graph_time_us(fn, w, reps: int = 16, trials: int = 5) -> float:
+    """µs per ``fn(weight_copy)``: a graph of ``reps`` calls rotating over copies of ``w`` (>= 2x L2)."""
+    l2 = torch.cuda.get_device_properties(w.device).L2_cache_size
+    nbytes = w.numel() * w.element_size()
+    copies = [w] + [w.clone() for _ in range(max(0, min(15, math.ceil(2 * l2 / nbytes) - 1)))]
+    for c in copies[:2]:
+        fn(c)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(reps):
+            fn(copies[i % len(copies)])
+    ts = []
+    for _ in range(trials):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        g.replay()
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e) * 1e3 / reps)
+    return statistics.median(ts)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ms", default="2,4,8,16,32,64")
+    ap.add_argument("--budget-s", type=float, default=470.0, help="stop sweeping after this many seconds")
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "results/tune_skinny")))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("tune_skinny times CUDA kernels: run it on a GPU machine")
+    from specdec.kernels.skinny import skinny_linear
+
+    t0 = time.time()
+    cfgs = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=ns, SPLIT_K=sk)
+            for bn, bk, ns, sk in itertools.product((16, 32, 64), (128, 256), (3, 4, 5), (1, 2, 4, 8))]
+    res = {}
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    for name, (N, K) in SHAPES.items():
+        w = torch.randn(N, K, device=dev, dtype=torch.bfloat16) / 64
+        for M in [int(m) for m in args.ms.split(",")]:
+            if time.time() - t0 > args.budget_s:
+                break
+            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+            ref = F.linear(x, w).float()
+            row = {"linear": graph_time_us(lambda c: F.linear(x, c), w)}
+            prev = torch.backends.cuda.preferred_blas_library()
+            torch.backends.cuda.preferred_blas_library("cublaslt")
+            row["cublaslt"] = graph_time_us(lambda c: F.linear(x, c), w)
+            torch.backends.cuda.preferred_blas_library(prev)
+            for cfg in cfgs:
+                if name == "lm_head" and (cfg["BLOCK_N"] < 64 or cfg["SPLIT_K"] > 1):
+                    continue  # 2000+ tiles: no split needed
+                key = "{BLOCK_N}x{BLOCK_K}/{num_stages}s/k{SPLIT_K}".format(**cfg)
+                try:
+                    if not torch.allclose(skinny_linear(x, w, None, cfg).float(), ref, atol=2e-2, rtol=2e-2):
+                        row[key] = "WRONG"
+                        continue
+                    row[key] = graph_time_us(lambda c: skinny_linear(x, c, None, cfg), w)
+                except Exception as e:  # e.g. OutOfResources (shared memory) for the largest tiles
+                    row[key] = f"ERR {type(e).__name__}"
+            res[f"{name} M={M}"] = row
+            num = sorted(((k, v) for k, v in row.items() if isinstance(v, float) and k not in ("linear", "cublaslt")),
+                         key=lambda kv: kv[1])
+            wrong = [k for k, v in row.items() if v == "WRONG"]
+            print(f"{name:8s} M={M:3d} linear {row['linear']:7.2f} lt {row['cublaslt']:7.2f} | best "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in num[:5]) + (f" | WRONG: {wrong}" if wrong else "")
+                  + f"  [{time.time() - t0:.0f}s]", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "tune_skinny.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
