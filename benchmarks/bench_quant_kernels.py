@@ -387,7 +387,7 @@ def main() -> int:
                 q, s, deq = wq[bits]
                 ref = x.float() @ deq.t()
                 nbytes = q.numel() * q.element_size() + s.numel() * 4 + x.numel() * 2 + M * N * 2
-                dflt = default_config(M, N, K, bits, GROUP, x.device)
+                dflt = default_config(M, N, K, bits, GROUP, x.device, dtype=x.dtype)
                 cands = [dflt] + ([] if args.no_sweep else [c for c in candidates(bits, M) if c != dflt])
                 if args.smoke:
                     cands = cands[:3]

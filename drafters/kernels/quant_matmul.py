@@ -174,7 +174,11 @@ class QuantConfig:
     many bytes). ``split_k > 1`` splits K over programs, reduced in one launch (see the module
     docstring). ``evict_first`` marks weight loads as streaming so they do not push the
     activations and scales out of L2. ``prefetch`` keeps one weight tile in flight while the
-    previous one is reduced. ``asm`` (int4 tensor-core kernel, CUDA, fp16/bf16 activations)
+    previous one is reduced. ``skinny`` (int8, 2 < M <= 64, fp16/bf16 activations) runs the
+    target's skinny GEMM (:mod:`specdec.kernels.skinny`) on the int8 weight instead: ``block_n``
+    weight rows per program against all M rows, plain software-pipelined loads, the int8 tile
+    widened on chip, the channel scale applied to the fp32 accumulator, a deterministic split-K
+    in one launch. ``asm`` (int4 tensor-core kernel, CUDA, fp16/bf16 activations)
     widens 4 packed bytes to 8 16-bit values with 2 byte permutes, 4 logic ops and 4 packed
     subtractions (the magic-number dequantization of Kim et al. 2022,
     https://arxiv.org/abs/2211.10017, as Marlin uses it) instead of fp32 conversions.
@@ -192,6 +196,7 @@ class QuantConfig:
     evict_first: bool = True
     prefetch: bool = False  # load the next weight tile before using the current one (register double buffer)
     asm: bool = False  # tensor-core int4: nibbles -> packed bf16/fp16 pairs with inline PTX (GPU, 16-bit x only)
+    skinny: bool = False  # int8, 2 < M <= 64, fp16/bf16 x: specdec's skinny GEMM (block_n / block_k / split_k used)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -207,7 +212,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 def default_config(M: int, N: int, K: int, bits: int, group_size: int | None = None,
-                   device: torch.device | None = None) -> QuantConfig:
+                   device: torch.device | None = None, dtype: torch.dtype | None = None) -> QuantConfig:
     """Heuristic tiles, read off the H200 sweep of ``benchmarks/bench_quant_kernels.py`` at the
     Llama-3-8B linear shapes (see ``notes/issue4_quant_bench_h200.md``) and generalised by N, K:
 
@@ -217,8 +222,21 @@ def default_config(M: int, N: int, K: int, bits: int, group_size: int | None = N
     * M > 16: narrow tiles for square layers, swapped wide tiles for N >> K (gate/up) and for
       K >> N (down, with split-K 4).
     int4 tensor-core tiles use the inline-PTX dequantization on CUDA.
+
+    With ``dtype`` fp16 / bf16, int8 at 2 < M <= 64 takes the skinny kernel for the shapes where the
+    H200 probe of the sixth session (``notes/issue4_quantized.md``) found it faster: ``N <= K``
+    except ``down``-like shapes at M <= 16 (the wide ``N > K`` shapes keep the tiles above).
     """
     del device  # the heuristics are per shape; kept for API stability
+    if bits == 8 and 2 < M <= 64 and dtype in (torch.float16, torch.bfloat16) and N <= K:
+        if M <= 16 and N <= 2048:  # narrow (k/v-like): split K 8 ways
+            return QuantConfig(gemv=False, block_n=32, block_k=128, split_k=8, num_stages=3, skinny=True)
+        if M <= 16 and N == K:  # square
+            return QuantConfig(gemv=False, block_n=32, block_k=256, split_k=4, num_stages=4, skinny=True)
+        if M > 16:
+            if N <= 2048:
+                return QuantConfig(gemv=False, block_n=32, block_k=256, split_k=4, num_stages=3, skinny=True)
+            return QuantConfig(gemv=False, block_n=64, block_k=128, split_k=4, num_stages=3, skinny=True)
     G = group_size if bits == 4 else 1 << 30
     kp2 = 1 << max(4, (K - 1).bit_length())  # K rounded up to a power of two
     if M <= 2:
@@ -537,7 +555,14 @@ def _launch(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, K: int, group
     M = x.shape[0]
     N, KB = qweight.shape  # KB: bytes per row
     G = group_size if bits == 4 else 1 << 30
-    cfg = config or default_config(M, N, K, bits, group_size, x.device)
+    cfg = config or default_config(M, N, K, bits, group_size, x.device, dtype=x.dtype)
+    if cfg.skinny:
+        if bits != 8 or not 2 <= M <= 64 or x.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError("QuantConfig(skinny=True) takes int8 weights and 2..64 rows of fp16 / bf16 activations")
+        from specdec.kernels.skinny import skinny_linear
+
+        return skinny_linear(x, qweight, None, dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+                                                    num_warps=cfg.num_warps, num_stages=cfg.num_stages), scale=scales)
     bkb = cfg.block_k if bits == 8 else cfg.block_k // 2  # bytes per tile row
     split = max(1, cfg.split_k)
     kb_per_split = triton.cdiv(triton.cdiv(KB, split), bkb) * bkb  # multiple of BLOCK_KB

@@ -45,10 +45,11 @@ SKINNY_CONFIGS: tuple[dict, ...] = (
 
 @triton.jit
 def _skinny(
-    X, W, BIAS, Y, WS, CNT,
+    X, W, BIAS, SCALE, Y, WS, CNT,
     M, N, K, k_per_split,
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -71,7 +72,9 @@ def _skinny(
         w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
                     eviction_policy="evict_first")  # [BLOCK_N, BLOCK_K]
         x = tl.load(x_rows + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
-        acc = tl.dot(w, tl.trans(x), acc)  # [BLOCK_N, BLOCK_M]
+        acc = tl.dot(w.to(x.dtype), tl.trans(x), acc)  # [BLOCK_N, BLOCK_M] (int8 weights: exact in 16 bits)
+    if HAS_SCALE:  # int8 weights with one scale per output channel: y = (x @ q.T) * s
+        acc *= tl.load(SCALE + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     y_ptrs = Y + rm[None, :] * stride_ym + rn[:, None]  # [BLOCK_N, BLOCK_M], y is [M, N]
     y_ok = n_ok[:, None] & m_ok[None, :]
     if SPLIT_K == 1:
@@ -118,20 +121,24 @@ def _workspace(device: torch.device, tiles: int, tile_elems: int, split_k: int) 
 
 
 def skinny_applies(x: Tensor, weight: Tensor) -> bool:
-    """Shapes and dtypes :func:`skinny_linear` takes."""
+    """Shapes and dtypes :func:`skinny_linear` takes (an int8 weight needs ``scale``)."""
     M = x.numel() // max(x.shape[-1], 1)
-    return (2 <= M <= SKINNY_MAX_M and x.dtype in SKINNY_DTYPES and weight.dtype == x.dtype
+    return (2 <= M <= SKINNY_MAX_M and x.dtype in SKINNY_DTYPES and weight.dtype in (x.dtype, torch.int8)
             and weight.stride(1) == 1)
 
 
-def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, config: dict | None = None) -> Tensor:
+def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, config: dict | None = None,
+                  scale: Tensor | None = None) -> Tensor:
     """``x @ weight.T + bias`` for ``2 <= M <= 64`` rows of ``x`` (16-bit dtypes).
 
     Args:
         x: ``[..., K]``, ``M`` rows in all; bf16 or fp16.
-        weight: ``[N, K]`` with contiguous rows (``stride(1) == 1``), the dtype of ``x``.
+        weight: ``[N, K]`` with contiguous rows (``stride(1) == 1``), the dtype of ``x``, or int8
+            with ``scale`` (W8A16: ``x @ (weight * scale[:, None]).T``; the int8 values are widened
+            exactly to ``x``'s dtype on chip, the scale applied to the fp32 accumulator).
         bias: optional ``[N]``.
         config: one of :data:`SKINNY_CONFIGS` (default: the first).
+        scale: ``[N]`` per-output-channel scales of an int8 ``weight``.
     Returns:
         ``[..., N]`` in ``x``'s dtype (fp32 accumulation).
     """
@@ -141,6 +148,10 @@ def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, config:
     if not skinny_applies(x, weight):
         raise ValueError(f"skinny_linear takes 2..{SKINNY_MAX_M} rows of bf16/fp16 with contiguous weight "
                          f"rows; got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}")
+    if (weight.dtype == torch.int8) != (scale is not None):
+        raise ValueError("skinny_linear: an int8 weight needs its per-channel scale, and only an int8 weight takes one")
+    if scale is not None and scale.shape != (N,):
+        raise ValueError(f"skinny_linear: scale must be [{N}], got {tuple(scale.shape)}")
     cfg = dict(config or SKINNY_CONFIGS[0])
     x2 = x.reshape(-1, K)
     if x2.stride(1) != 1:
@@ -154,9 +165,9 @@ def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, config:
     tiles = triton.cdiv(N, bn)
     ws, cnt = _workspace(x.device, tiles, bn * bm, split) if split > 1 else (y, y)
     _skinny[(tiles, split)](
-        x2, weight, bias if bias is not None else y, y, ws, cnt,
+        x2, weight, bias if bias is not None else y, scale if scale is not None else y, y, ws, cnt,
         M, N, K, k_per_split, x2.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
+        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return y.reshape(*x.shape[:-1], N)
