@@ -17,13 +17,14 @@ import itertools
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from specdec.gemm_pick import replay_us
 
 SHAPES = {"k/v": (1024, 4096), "q/o": (4096, 4096), "gate/up": (14336, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}  # name -> (N, K)
@@ -40,15 +41,7 @@ def graph_time_us(fn, w, reps: int = 16, trials: int = 5) -> float:
     with torch.cuda.graph(g):
         for i in range(reps):
             fn(copies[i % len(copies)])
-    ts = []
-    for _ in range(trials):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        ts.append(s.elapsed_time(e) * 1e3 / reps)
-    return statistics.median(ts)
+    return replay_us(g, reps, trials)
 
 
 def main(argv=None) -> None:

@@ -112,6 +112,19 @@ def linear_as(x: Tensor, weight: Tensor, bias: Tensor | None, formulation: int) 
     return F.linear(x, weight, bias)
 
 
+def replay_us(graph: "torch.cuda.CUDAGraph", calls: int, trials: int = 5) -> float:
+    """µs per call of a captured graph of ``calls`` calls: median over ``trials`` replays."""
+    ts = []
+    for _ in range(trials):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        graph.replay()
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e) * 1e3 / calls)
+    return statistics.median(ts)
+
+
 class GemmPicker:
     """Fastest formulation per ``(device, dtype, M, N, K, bias)``, timed on first use: CUDA graphs of
     ``reps`` back-to-back calls rotating over copies of the weight (together >= 2x L2, at most 16),
@@ -167,15 +180,7 @@ class GemmPicker:
                     with torch.cuda.graph(g):  # (each call's output stays allocated in the graph's pool)
                         for i in range(reps):
                             linear_as(x, copies[i % len(copies)], bias, f)
-                    ts = []
-                    for _ in range(self.trials):
-                        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                        s.record()
-                        g.replay()
-                        e.record()
-                        e.synchronize()
-                        ts.append(s.elapsed_time(e) * 1e3 / reps)
-                    out.append(statistics.median(ts))
+                    out.append(replay_us(g, reps, self.trials))
                     del g
                 except Exception:  # a formulation this build cannot run or capture: never picked
                     out.append(float("inf"))

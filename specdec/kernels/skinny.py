@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["skinny_linear", "SKINNY_CONFIGS", "SKINNY_MAX_M", "SKINNY_DTYPES"]
+__all__ = ["skinny_linear", "skinny_applies", "SKINNY_CONFIGS", "SKINNY_MAX_M", "SKINNY_DTYPES"]
 
 SKINNY_MAX_M = 64
 SKINNY_DTYPES = (torch.bfloat16, torch.float16)  # fp32 would need IEEE dots on CUDA cores: slower than cuBLAS
