@@ -107,8 +107,8 @@ GEMM = [QuantConfig(gemv=False, block_m=16, block_n=32, block_k=32, split_k=2), 
         QuantConfig(gemv=False, block_m=16, block_n=16, block_k=64, swap=True, evict_first=False),
         QuantConfig(gemv=False, block_m=16, block_n=32, block_k=32, split_k=2, swap=True, prefetch=True, asm=True)]
 # (asm=True runs the fp32-conversion path here: inline PTX needs a GPU; the GPU bench checks it)
-SKINNY = [QuantConfig(gemv=False, block_n=32, block_k=64, split_k=3, skinny=True),  # int8, fp16/bf16, 2..64 rows
-          QuantConfig(gemv=False, block_n=16, block_k=32, num_stages=2, skinny=True)]
+SKINNY = [QuantConfig(gemv=False, block_n=32, block_k=64, split_k=3, skinny=True),  # fp16/bf16, 2..64 rows
+          QuantConfig(gemv=False, block_n=16, block_k=32, num_stages=2, skinny=True, asm=True)]  # (int4: a group per step)
 
 
 @pytest.mark.skipif(not INTERPRET, reason="Triton kernels run on CPU only under TRITON_INTERPRET=1 (scripts/test.sh)")
@@ -123,11 +123,9 @@ def test_kernels_match_reference(bits, M):
     for dtype in (torch.float32, torch.float16):  # bf16 tl.dot is not emulated by the interpreter
         x = torch.randn(M, K, generator=g).to(dtype)
         ref = quant_matmul_ref(x, q, s, bits, K, G).float()
-        skinny = bits == 8 and M >= 2 and dtype == torch.float16
-        if skinny:  # the default for these is the skinny kernel
-            assert default_config(M, N, K, bits, G, dtype=dtype).skinny
-        else:
-            assert not default_config(M, N, K, bits, G, dtype=dtype).skinny
+        skinny = M >= 2 and dtype == torch.float16
+        # the default for these (N <= K) is the skinny kernel
+        assert default_config(M, N, K, bits, G, dtype=dtype).skinny == (skinny and M > 2)
         for cfg in configs + (SKINNY if skinny else []):
             y = quant_matmul(x, q, s, bits, G, cfg)
             assert y.shape == (M, N) and y.dtype == dtype
@@ -139,15 +137,12 @@ def test_kernels_match_reference(bits, M):
     assert _WORKSPACE, "no split-K launch happened"
     for ws, cnt in _WORKSPACE.values():
         assert (ws == 0).all() and (cnt == 0).all()
-    if bits == 8 and M >= 2:
+    if M >= 2:
         from specdec.kernels.skinny import _WORKSPACE as SKINNY_WS
 
         assert all((cnt == 0).all() for _, cnt in SKINNY_WS.values())  # its split-K counters too
         with pytest.raises(ValueError, match="skinny"):  # fp32 activations: not this kernel
             quant_matmul(x.float(), q, s, bits, G, SKINNY[0])
-    if bits == 4 and M >= 2:
-        with pytest.raises(ValueError, match="skinny"):
-            quant_matmul(x, q, s, bits, G, SKINNY[0])
 
 
 @pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1")

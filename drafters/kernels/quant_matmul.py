@@ -223,11 +223,17 @@ def default_config(M: int, N: int, K: int, bits: int, group_size: int | None = N
       K >> N (down, with split-K 4).
     int4 tensor-core tiles use the inline-PTX dequantization on CUDA.
 
-    With ``dtype`` fp16 / bf16, int8 at 2 < M <= 64 takes the skinny kernel for the shapes where the
-    H200 probe of the sixth session (``notes/issue4_quantized.md``) found it faster: ``N <= K``
-    except ``down``-like shapes at M <= 16 (the wide ``N > K`` shapes keep the tiles above).
+    With ``dtype`` fp16 / bf16 and 2 < M <= 64, the skinny kernels take the shapes where the H200
+    probes of the sixth session (``notes/issue4_quantized.md``) found them faster: int8 for
+    ``N <= K`` except ``down``-like shapes at M <= 16; int4 for every shape at M <= 16 and for
+    ``N <= K <= 4096`` (q/o, k/v) above.
     """
     del device  # the heuristics are per shape; kept for API stability
+    if bits == 4 and 2 < M <= 64 and dtype in (torch.float16, torch.bfloat16) and (M <= 16 or N <= K <= 4096):
+        if N <= 2048:  # narrow (k/v-like)
+            return QuantConfig(gemv=False, block_n=32, block_k=128, split_k=8, num_stages=3, skinny=True, asm=True)
+        split = 8 if M <= 16 and N <= K else 4
+        return QuantConfig(gemv=False, block_n=64, block_k=128, split_k=split, num_stages=3, skinny=True, asm=True)
     if bits == 8 and 2 < M <= 64 and dtype in (torch.float16, torch.bfloat16) and N <= K:
         if M <= 16 and N <= 2048:  # narrow (k/v-like): split K 8 ways
             return QuantConfig(gemv=False, block_n=32, block_k=128, split_k=8, num_stages=3, skinny=True)
@@ -303,6 +309,7 @@ def _int4_to_16bit_ptx(magic: int, fmt: str) -> str:
 
 # --------------------------------------------------------------------------- Triton kernels
 if _HAS_TRITON:
+    from specdec.kernels.skinny import store_y
 
     _PTX_INT4_BF16 = tl.constexpr(_int4_to_16bit_ptx(0x4300, "bf16x2"))  # bf16 0x4300 = 128
     _PTX_INT4_F16 = tl.constexpr(_int4_to_16bit_ptx(0x6400, "f16x2"))  # fp16 0x6400 = 1024
@@ -543,6 +550,50 @@ if _HAS_TRITON:
                         offs_m[:, None] * N + offs_n[None, :], cnt_ptr, tile, mask_m[:, None] & mask_n[None, :], SPLIT)
 
 
+    @triton.jit
+    def _q4_skinny_kernel(
+        x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,  # x[M, K], w[N, Kp/2] uint8, s[Kp/G, N], y[M, N]
+        M, N, K, KB, kb_per_split,  # kb_per_split: a multiple of G/2
+        stride_xm, stride_wn, stride_ym,
+        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+        ASM: tl.constexpr, BF16: tl.constexpr,
+    ):
+        """W4A16 in the layout of :mod:`specdec.kernels.skinny`: ``BLOCK_N`` weight rows against all
+        ``M <= BLOCK_M`` rows, one group per K step (``G/2`` bytes per row: one scale, two
+        contiguous runs of x), plain pipelined loads, the partial product of a group scaled into the
+        fp32 ``y.T`` accumulator; deterministic split-K through :func:`store_y`."""
+        HG: tl.constexpr = GROUP // 2
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] output columns = weight rows
+        rm = tl.arange(0, BLOCK_M)  # [BM]
+        n_ok = rn < N
+        m_ok = rm < M
+        w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn  # [BN, 1]
+        x_rows = x_ptr + rm[:, None] * stride_xm  # [BM, 1]
+        b_lo = pid_k * kb_per_split
+        b_hi = tl.minimum(KB, b_lo + kb_per_split)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y.T tile
+        for b0 in range(b_lo, b_hi, HG):
+            rb = b0 + tl.arange(0, HG)  # [HG] bytes of one group
+            p = tl.load(w_rows + rb[None, :], mask=n_ok[:, None] & (rb < b_hi)[None, :], other=0x88,
+                        eviction_policy="evict_first")  # [BN, HG]
+            e = (b0 // HG) * GROUP + tl.arange(0, HG)  # [HG] K index of the low nibbles
+            xl = tl.load(x_rows + e[None, :], mask=m_ok[:, None] & (e < K)[None, :], other=0.0)  # [BM, HG]
+            xh = tl.load(x_rows + e[None, :] + HG, mask=m_ok[:, None] & (e + HG < K)[None, :], other=0.0)
+            if ASM:
+                lo, hi = _int4_pair_16(p, BF16)  # [BN, HG] exact 16-bit integers
+            else:
+                lo, hi = _int4_pair(p, True)
+                lo = lo.to(xl.dtype)
+                hi = hi.to(xl.dtype)
+            part = tl.dot(lo, tl.trans(xl))
+            part = tl.dot(hi, tl.trans(xh), part)  # [BN, BM]
+            acc += part * tl.load(s_ptr + (b0 // HG) * N + rn, mask=n_ok, other=0.0)[:, None]
+        store_y(acc, y_ptr, y_ptr, ws_ptr, cnt_ptr, rn, rm, n_ok, m_ok, stride_ym, pid, pid_k,
+                False, BLOCK_N, BLOCK_M, SPLIT)
+
+
 def _launch(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, K: int, group_size: int,
             config: QuantConfig | None) -> Tensor:
     if not _HAS_TRITON:
@@ -557,12 +608,14 @@ def _launch(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, K: int, group
     G = group_size if bits == 4 else 1 << 30
     cfg = config or default_config(M, N, K, bits, group_size, x.device, dtype=x.dtype)
     if cfg.skinny:
-        if bits != 8 or not 2 <= M <= 64 or x.dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError("QuantConfig(skinny=True) takes int8 weights and 2..64 rows of fp16 / bf16 activations")
-        from specdec.kernels.skinny import skinny_linear
+        if not 2 <= M <= 64 or x.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError("QuantConfig(skinny=True) takes 2..64 rows of fp16 / bf16 activations")
+        if bits == 8:
+            from specdec.kernels.skinny import skinny_linear
 
-        return skinny_linear(x, qweight, None, dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
-                                                    num_warps=cfg.num_warps, num_stages=cfg.num_stages), scale=scales)
+            return skinny_linear(x, qweight, None, dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+                                                        num_warps=cfg.num_warps, num_stages=cfg.num_stages), scale=scales)
+        return _launch_q4_skinny(x, qweight, scales, K, group_size, cfg)
     bkb = cfg.block_k if bits == 8 else cfg.block_k // 2  # bytes per tile row
     split = max(1, cfg.split_k)
     kb_per_split = triton.cdiv(triton.cdiv(KB, split), bkb) * bkb  # multiple of BLOCK_KB
@@ -595,6 +648,27 @@ def _launch(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, K: int, group
             SPLIT=split, FP32=x.dtype == torch.float32, MAGIC=cfg.magic, SWAP=cfg.swap, EVICT=cfg.evict_first,
             PREFETCH=cfg.prefetch, ASM=use_asm, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+    return y
+
+
+def _launch_q4_skinny(x: Tensor, packed: Tensor, scales: Tensor, K: int, G: int, cfg: QuantConfig) -> Tensor:
+    from specdec.kernels.skinny import workspace
+
+    M, (N, KB) = x.shape[0], packed.shape
+    hg = G // 2
+    split = min(max(1, cfg.split_k), KB // hg)
+    kb_per_split = triton.cdiv(triton.cdiv(KB, split), hg) * hg  # whole groups per chunk
+    split = triton.cdiv(KB, kb_per_split)
+    bm = max(16, triton.next_power_of_2(M))
+    tiles = triton.cdiv(N, cfg.block_n)
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    ws, cnt = workspace(x.device, tiles, cfg.block_n * bm, split) if split > 1 else (y, y)
+    use_asm = cfg.asm and x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+    _q4_skinny_kernel[(tiles, split)](
+        x, packed, scales, y, ws, cnt, M, N, K, KB, kb_per_split, x.stride(0), packed.stride(0), y.stride(0),
+        GROUP=G, BLOCK_M=bm, BLOCK_N=cfg.block_n, SPLIT=split, ASM=use_asm, BF16=x.dtype == torch.bfloat16,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
     return y
 
 

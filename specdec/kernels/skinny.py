@@ -75,6 +75,19 @@ def _skinny(
         acc = tl.dot(w.to(x.dtype), tl.trans(x), acc)  # [BLOCK_N, BLOCK_M] (int8 weights: exact in 16 bits)
     if HAS_SCALE:  # int8 weights with one scale per output channel: y = (x @ q.T) * s
         acc *= tl.load(SCALE + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    store_y(acc, Y, BIAS, WS, CNT, rn, rm, n_ok, m_ok, stride_ym, pid, pid_k, HAS_BIAS, BLOCK_N, BLOCK_M, SPLIT_K)
+
+
+@triton.jit
+def store_y(acc, Y, BIAS, WS, CNT, rn, rm, n_ok, m_ok, stride_ym, pid, pid_k,
+            HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Write a finished ``acc [BLOCK_N, BLOCK_M]`` (``y.T`` tile, fp32) into ``y [M, N]`` (+ bias).
+
+    With ``SPLIT_K > 1``: deterministic split-K in one launch. Every chunk stores its partial tile
+    in ``WS [SPLIT_K, tiles, BLOCK_N * BLOCK_M]``; the program that arrives last at the tile's
+    counter ``CNT[pid]`` sums the partials in chunk order, writes ``y`` and resets the counter (so
+    the workspace needs no memset between calls or replays). Shared with the quantized kernels.
+    """
     y_ptrs = Y + rm[None, :] * stride_ym + rn[:, None]  # [BLOCK_N, BLOCK_M], y is [M, N]
     y_ok = n_ok[:, None] & m_ok[None, :]
     if SPLIT_K == 1:
@@ -82,9 +95,6 @@ def _skinny(
             acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
         tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=y_ok)
     else:
-        # Deterministic split-K in one launch: every chunk stores its partial tile; the program that
-        # arrives last at the tile's counter sums the partials in chunk order, writes y and resets
-        # the counter (so the workspace needs no memset between calls or replays).
         tile_elems = BLOCK_N * BLOCK_M
         local = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]  # [BLOCK_N, BLOCK_M]
         tl.store(WS + (pid_k * tl.num_programs(0) + pid) * tile_elems + local, acc)
@@ -103,7 +113,7 @@ def _skinny(
 _WORKSPACE: dict[tuple, tuple[Tensor, Tensor]] = {}
 
 
-def _workspace(device: torch.device, tiles: int, tile_elems: int, split_k: int) -> tuple[Tensor, Tensor]:
+def workspace(device: torch.device, tiles: int, tile_elems: int, split_k: int) -> tuple[Tensor, Tensor]:
     """fp32 partial tiles ``[split_k, tiles, tile_elems]`` and int32 counters ``[tiles]``, one pair per
     launch shape, never freed: a captured graph keeps pointing at them. The kernels leave the counters
     at zero, so the pair is reusable by every later call and replay of that shape on any stream (calls
@@ -163,7 +173,7 @@ def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, config:
     k_per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk  # a multiple of BLOCK_K
     split = triton.cdiv(K, k_per_split)
     tiles = triton.cdiv(N, bn)
-    ws, cnt = _workspace(x.device, tiles, bn * bm, split) if split > 1 else (y, y)
+    ws, cnt = workspace(x.device, tiles, bn * bm, split) if split > 1 else (y, y)
     _skinny[(tiles, split)](
         x2, weight, bias if bias is not None else y, scale if scale is not None else y, y, ws, cnt,
         M, N, K, k_per_split, x2.stride(0), weight.stride(0), y.stride(0),
