@@ -174,11 +174,11 @@ class QuantConfig:
     many bytes). ``split_k > 1`` splits K over programs, reduced in one launch (see the module
     docstring). ``evict_first`` marks weight loads as streaming so they do not push the
     activations and scales out of L2. ``prefetch`` keeps one weight tile in flight while the
-    previous one is reduced. ``skinny`` (int8, 2 < M <= 64, fp16/bf16 activations) runs the
-    target's skinny GEMM (:mod:`specdec.kernels.skinny`) on the int8 weight instead: ``block_n``
-    weight rows per program against all M rows, plain software-pipelined loads, the int8 tile
-    widened on chip, the channel scale applied to the fp32 accumulator, a deterministic split-K
-    in one launch. ``asm`` (int4 tensor-core kernel, CUDA, fp16/bf16 activations)
+    previous one is reduced. ``skinny`` (2 < M <= 64, fp16/bf16 activations) uses the layout of
+    the target's skinny GEMM (:mod:`specdec.kernels.skinny`) instead: ``block_n`` weight rows per
+    program against all M rows, plain software-pipelined loads, a deterministic split-K in one
+    launch; int8 runs that kernel (the int8 tile widened on chip, the channel scale applied to the
+    fp32 accumulator), int4 ``_q4_skinny_kernel`` (one group per K step; ``asm`` as below). ``asm`` (int4 tensor-core kernel, CUDA, fp16/bf16 activations)
     widens 4 packed bytes to 8 16-bit values with 2 byte permutes, 4 logic ops and 4 packed
     subtractions (the magic-number dequantization of Kim et al. 2022,
     https://arxiv.org/abs/2211.10017, as Marlin uses it) instead of fp32 conversions.
@@ -196,7 +196,7 @@ class QuantConfig:
     evict_first: bool = True
     prefetch: bool = False  # load the next weight tile before using the current one (register double buffer)
     asm: bool = False  # tensor-core int4: nibbles -> packed bf16/fp16 pairs with inline PTX (GPU, 16-bit x only)
-    skinny: bool = False  # int8, 2 < M <= 64, fp16/bf16 x: specdec's skinny GEMM (block_n / block_k / split_k used)
+    skinny: bool = False  # 2 < M <= 64, fp16/bf16 x: the skinny-GEMM layout (block_n, split_k; int8 also block_k)
 
 
 _SM_COUNT: dict[int, int] = {}
