@@ -145,8 +145,7 @@ class TokenTree:
         valid = None
         if needs_pad:
             valid = torch.tensor([[True] * k + [False] * (n - k) for k in lens], dtype=torch.bool)  # [B, n]
-        tree = TokenTree(tokens=tokens, parents=parents, valid=valid)
-        return tree if torch.device(device).type == "cpu" else tree.to(device)
+        return TokenTree(tokens=tokens, parents=parents, valid=valid).to(device)
 
     def pad_to(self, n: int) -> "TokenTree":
         """Pad to ``n`` nodes with invalid nodes hanging off the root (for fixed-size buckets)."""

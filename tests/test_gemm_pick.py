@@ -167,17 +167,22 @@ def test_mode_leaves_other_dtypes_and_devices_alone():
     assert timer.calls == []
 
 
+def _prompt_and_picker(times):
+    """The prompt these runner tests decode, and a CPU picker whose timer returns ``times``."""
+    prompt = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(8))
+    timer = _FakeTimer(times)
+    return prompt, timer, GemmPicker(device_types=("cpu",), timer=timer)
+
+
 @pytest.mark.parametrize("drafter_name", ["chain", "tree"])
 def test_runner_with_picker_matches_eager(drafter_name):
     """The runner's steps under the picker (every shape taking a non-default formulation) commit
     exactly the eager loop's tokens, tree buckets and the one-token step alike."""
     model = tiny_model("llama", seed=6)
-    prompt = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(8))
+    prompt, timer, picker = _prompt_and_picker((10.0, 9.0, 1.0))  # cuBLASLt preference wins (a no-op on CPU)
     ref = specdec.generate(model, prompt, max_new_tokens=32, cuda_graphs=False)
     cont = ref.new_tokens[0]
     drafter = Replay(cont, 0.3, seed=1) if drafter_name == "chain" else Replay(cont, 0.5, branching=3, seed=2)
-    timer = _FakeTimer((10.0, 9.0, 1.0))  # cuBLASLt preference wins (a no-op on CPU, still exercised)
-    picker = GemmPicker(device_types=("cpu",), timer=timer)
     runner = CUDAGraphRunner(model, SDPAVerifier(), verify_step, 1, 256, buckets=(1, 4, 16), capture=False,
                              pick_gemm=picker)
     out = specdec.generate(model, prompt, drafter=drafter, max_new_tokens=32, budget=6, verifier=SDPAVerifier(),
@@ -203,10 +208,8 @@ def test_runner_with_gemv_matches_eager():
     """The one-token steps through the Triton GEMV (forced for every one-row shape) commit the
     eager loop's tokens (fp32)."""
     model = tiny_model("llama", seed=6)
-    prompt = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(8))
+    prompt, _, picker = _prompt_and_picker((10.0, 11.0, 12.0, 1.0))
     ref = specdec.generate(model, prompt, max_new_tokens=12, cuda_graphs=False)
-    timer = _FakeTimer((10.0, 11.0, 12.0, 1.0))
-    picker = GemmPicker(device_types=("cpu",), timer=timer)
     runner = CUDAGraphRunner(model, SDPAVerifier(), verify_step, 1, 64, buckets=(1,), capture=False, pick_gemm=picker)
     out = specdec.generate(model, prompt, max_new_tokens=12, verifier=SDPAVerifier(), cuda_graphs=runner)
     assert out.new_tokens == ref.new_tokens
@@ -218,13 +221,13 @@ def test_runner_with_gemv_matches_eager():
 def test_runner_with_skinny_matches_eager(skinny):
     """fp16 tree steps through the Triton skinny GEMM (forced for every shape of 2+ rows; one
     whole-K and one split-K launch shape) commit the eager loop's tokens."""
-    model = tiny_model("llama", seed=6).half()
-    prompt = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(8))
+    import copy  # tiny_model is cached: convert a copy, not the model the other tests share
+
+    model = copy.deepcopy(tiny_model("llama", seed=6)).half()
+    prompt, _, picker = _prompt_and_picker((10.0, 11.0, 12.0) + (float("inf"),) * len(GEMV_FORMULATIONS)
+                                           + tuple(1.0 if f == skinny else float("inf") for f in SKINNY_FORMULATIONS))
     ref = specdec.generate(model, prompt, max_new_tokens=24, cuda_graphs=False)
     drafter = Replay(ref.new_tokens[0], 0.4, branching=2, seed=3)
-    timer = _FakeTimer((10.0, 11.0, 12.0) + (float("inf"),) * len(GEMV_FORMULATIONS)
-                       + tuple(1.0 if f == skinny else float("inf") for f in SKINNY_FORMULATIONS))
-    picker = GemmPicker(device_types=("cpu",), timer=timer)
     runner = CUDAGraphRunner(model, SDPAVerifier(), verify_step, 1, 64, buckets=(1, 4, 16), capture=False,
                              pick_gemm=picker)
     out = specdec.generate(model, prompt, drafter=drafter, max_new_tokens=24, budget=6, verifier=SDPAVerifier(),
