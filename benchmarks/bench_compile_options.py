@@ -5,6 +5,7 @@ only), each option set runs in its own subprocess (fresh dynamo / Inductor state
 
 * ``graphs``: ``compile=False`` (CUDA graphs only);
 * ``default``: ``compile=True``;
+* ``no-group``: ``compile={"group_linears": False}`` (q/k/v and gate/up as separate launches);
 * ``no-pick`` / ``graphs+no-pick``: the same with ``specdec.gemm_pick.ENABLED = False`` (every linear
   through ``F.linear``, as cuBLAS chooses);
 * ``freeze``: ``compile={"freezing": True}`` (weights as constants; Inductor's freezing passes
@@ -35,6 +36,7 @@ VARIANTS = {
     "graphs": False,  # CUDA graphs, no compile
     "graphs+no-pick": False,
     "default": True,
+    "no-group": {"group_linears": False},  # default without grouping the linears of one input
     "no-pick": True,  # default without specdec.gemm_pick (cuBLAS's own choice for every linear)
     "freeze": {"freezing": True},
     "autotune": {"max_autotune": True, "max_autotune_gemm_backends": "ATEN,TRITON"},

@@ -390,14 +390,20 @@ def compiled_forward(compile) -> Callable:
     Inductor's freezing passes concatenate linears that share an input, such as an MLP's gate and
     up projections, into one GEMM; the concatenated copies are extra device memory).
 
+    With Inductor, linears that share an input and run through the GEMM picker are grouped into one
+    launch where that is faster (:data:`specdec.gemm_pick.GROUP_PASS`); the option
+    ``{"group_linears": False}`` turns that off.
+
     One compiled function per setting, shared by every model: dynamo keeps one entry per (model,
     input shapes), so the recompile limit is raised to hold the buckets of a few models.
     """
     if isinstance(compile, Mapping):
         options = {str(k): v for k, v in compile.items()}
         key = ("inductor", tuple(sorted((k, repr(v)) for k, v in options.items())))
+    elif compile is True or compile == "inductor":
+        options, key = {}, "inductor"
     else:
-        options, key = None, "inductor" if compile is True else compile
+        options, key = None, compile
     fn = _COMPILED.get(key)
     if fn is None:
         import torch._dynamo
@@ -408,7 +414,11 @@ def compiled_forward(compile) -> Callable:
         if options is None:
             fn = torch.compile(_call_model, backend=key, fullgraph=True)
         else:
-            fn = torch.compile(_call_model, backend="inductor", options=options, fullgraph=True)
+            if options.pop("group_linears", True):
+                from .gemm_pick import GROUP_PASS
+
+                options.setdefault("post_grad_custom_pre_pass", GROUP_PASS)
+            fn = torch.compile(_call_model, backend="inductor", options=options or None, fullgraph=True)
             if options.get("freezing"):
                 fn = _traced_with_freezing(fn)
         _COMPILED[key] = fn

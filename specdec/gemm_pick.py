@@ -26,21 +26,30 @@ op ``specdec::linear``, which dynamo treats as opaque, so the same path works un
 timed right there (the runner's warm-up runs before capture) over enough weight copies that the
 timed calls read their weights from HBM, as a model's layers do; a shape first met while a graph is
 being captured uses formulation 0.
+
+Linears of one input (q/k/v, gate/up) can run as ONE launch: under ``torch.compile`` the
+Inductor pass :data:`GROUP_PASS` (:func:`group_linears`) replaces ``specdec::linear`` calls that
+share their input by one ``specdec::linear_group`` call, and the picker times, per group shape, the
+separate calls (each with its own formulation) against the grouped GEMV / skinny launches
+(:func:`specdec.kernels.gemv.gemv_group`), keeping the faster.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import os
 import statistics
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["GemmPicker", "FORMULATIONS", "GEMV_FORMULATIONS", "SKINNY_FORMULATIONS", "ENABLED", "linear_as", "applies", "shared_picker", "default_picker"]
+__all__ = ["GemmPicker", "FORMULATIONS", "GEMV_FORMULATIONS", "SKINNY_FORMULATIONS", "ENABLED", "linear_as", "applies", "shared_picker", "default_picker",
+           "SEPARATE", "group_applies", "linear_group_as", "group_linears", "GROUP_PASS"]
 
 ENABLED = True  # process-wide default of ``CUDAGraphRunner(pick_gemm=None)`` (benchmarks' A/B switch)
 _N_CUBLAS = 3  # formulations 0-2; then one GEMV per launch shape, then one skinny GEMM per launch shape
@@ -112,6 +121,47 @@ def linear_as(x: Tensor, weight: Tensor, bias: Tensor | None, formulation: int) 
     return F.linear(x, weight, bias)
 
 
+SEPARATE = -1  # a group's formulation: its linears one by one, each with its own formulation
+
+
+def group_applies(formulation: int, x: Tensor, weights: list[Tensor]) -> bool:
+    """Can ``formulation`` compute the linears ``weights`` of ``x`` in one launch? (GEMV and skinny
+    formulations; the weights need one dtype, ``K`` and row stride; cuBLAS has no grouped call.)"""
+    if formulation == SEPARATE:
+        return True
+    if formulation < _N_CUBLAS or not 1 <= len(weights) <= _max_group():
+        return False
+    w0 = weights[0]
+    return all(w.dtype == w0.dtype and w.shape[1] == w0.shape[1] and w.stride(0) == w0.stride(0)
+               and applies(formulation, x, w) for w in weights)
+
+
+def _max_group() -> int:
+    try:
+        from .kernels.gemv import MAX_GROUP
+    except ImportError:
+        return 0
+    return MAX_GROUP
+
+
+def linear_group_as(x: Tensor, weights: list[Tensor], biases: list[Tensor | None], formulation: int,
+                    picker: "GemmPicker | None" = None) -> list[Tensor]:
+    """``[x @ w.T + b ...]`` with ``formulation``: :data:`SEPARATE` (each linear with its own
+    formulation from ``picker``, else ``F.linear``), or one grouped GEMV / skinny launch."""
+    if formulation == SEPARATE:
+        return [linear_as(x, w, b, picker.formulation(x, w, b) if picker is not None else 0)
+                for w, b in zip(weights, biases)]
+    if formulation >= _N_CUBLAS + _N_GEMV:
+        from .kernels.skinny import skinny_group
+
+        return skinny_group(x, weights, biases, _skinny_configs()[formulation - _N_CUBLAS - _N_GEMV])
+    if formulation >= _N_CUBLAS:
+        from .kernels.gemv import gemv_group
+
+        return gemv_group(x, weights, biases, _gemv_configs()[formulation - _N_CUBLAS])
+    raise ValueError(f"formulation {FORMULATIONS[formulation]!r} has no grouped call")
+
+
 def replay_us(graph: "torch.cuda.CUDAGraph", calls: int, trials: int = 5) -> float:
     """µs per call of a captured graph of ``calls`` calls: median over ``trials`` replays."""
     ts = []
@@ -128,27 +178,38 @@ def replay_us(graph: "torch.cuda.CUDAGraph", calls: int, trials: int = 5) -> flo
 class GemmPicker:
     """Fastest formulation per ``(device, dtype, M, N, K, bias)``, timed on first use: CUDA graphs of
     ``reps`` back-to-back calls rotating over copies of the weight (together >= 2x L2, at most 16),
-    median of ``trials`` replays.
+    median of ``trials`` replays. Groups of linears of one input (``N`` a tuple) are timed the same
+    way, grouped launches against the sum of their linears' own best times.
 
     Args:
         device_types: devices whose float linears the mode re-routes (CUDA; tests add ``"cpu"``).
         timer: ``timer(x [M, K], weight, bias) -> µs per formulation``; default: CUDA-graph timing.
+        group_timer: ``group_timer(x [M, K], weights, biases) -> µs per formulation`` of a grouped
+            launch (formulations without a grouped call are ignored); default: CUDA-graph timing.
     """
 
-    def __init__(self, reps: int = 16, trials: int = 5, device_types: tuple[str, ...] = ("cuda",), timer=None):
+    def __init__(self, reps: int = 16, trials: int = 5, device_types: tuple[str, ...] = ("cuda",), timer=None,
+                 group_timer=None):
         self.reps, self.trials = reps, trials
         self.device_types = tuple(device_types)
         self._timer = timer or self._time
-        self.choice: dict[tuple, int] = {}  # shape key -> formulation index
+        self._group_timer = group_timer or self._time_group
+        self.choice: dict[tuple, int] = {}  # shape key -> formulation index (groups: or SEPARATE)
         self.timings: dict[tuple, tuple[float, ...]] = {}  # shape key -> µs per call, per formulation
+        self.separate_us: dict[tuple, float] = {}  # group key -> µs of its linears one by one
+
+    @staticmethod
+    def _key(x: Tensor, n, bias: bool) -> tuple:
+        K = x.shape[-1]
+        return (x.device.index, str(x.dtype).removeprefix("torch."), x.numel() // max(K, 1), n, K, bias)
 
     def formulation(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> int:
-        M, K = x.numel() // max(x.shape[-1], 1), x.shape[-1]
-        key = (x.device.index, str(x.dtype).removeprefix("torch."), M, weight.shape[0], K, bias is not None)
+        key = self._key(x, weight.shape[0], bias is not None)
         f = self.choice.get(key)
         if f is None:
             if x.is_cuda and torch.cuda.is_current_stream_capturing():  # cannot time inside a capture
                 return 0
+            M, K = key[2], key[4]
             t = tuple(self._timer(x.reshape(M, K), weight, bias))
             t = tuple(ti if applies(i, x, weight) else float("inf") for i, ti in enumerate(t))
             self.timings[key] = t
@@ -158,28 +219,60 @@ class GemmPicker:
             self.choice[key] = f
         return f
 
+    def group_formulation(self, x: Tensor, weights: list[Tensor], biases: list[Tensor | None]) -> int:
+        """:data:`SEPARATE` or the grouped formulation for the linears ``weights`` of ``x``."""
+        key = self._key(x, tuple(w.shape[0] for w in weights), biases[0] is not None)
+        f = self.choice.get(key)
+        if f is None:
+            if x.is_cuda and torch.cuda.is_current_stream_capturing():
+                return SEPARATE
+            sep = 0.0
+            for w, b in zip(weights, biases):
+                fi = self.formulation(x, w, b)
+                sep += self.timings.get(self._key(x, w.shape[0], b is not None), (0.0,) * (fi + 1))[fi]
+            M, K = key[2], key[4]
+            t = tuple(self._group_timer(x.reshape(M, K), weights, biases))
+            t = tuple(ti if i >= _N_CUBLAS and group_applies(i, x, weights) else float("inf") for i, ti in enumerate(t))
+            self.timings[key], self.separate_us[key] = t, sep
+            best = min(range(len(t)), key=t.__getitem__)
+            f = best if t[best] < _MIN_GAIN * sep else SEPARATE
+            self.choice[key] = f
+        return f
+
     def _time(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[float, ...]:
-        dev = x.device
-        nbytes = weight.numel() * weight.element_size()
+        ok = [applies(f, x, weight) for f in range(len(FORMULATIONS))]
+        return self._time_calls([weight], x.shape[0] * weight.shape[0] * x.element_size(), ok,
+                                lambda f, ws: linear_as(x, ws[0], bias, f))
+
+    def _time_group(self, x: Tensor, weights: list[Tensor], biases: list[Tensor | None]) -> tuple[float, ...]:
+        ok = [f >= _N_CUBLAS and group_applies(f, x, weights) for f in range(len(FORMULATIONS))]
+        n = sum(w.shape[0] for w in weights)
+        return self._time_calls(weights, x.shape[0] * n * x.element_size(), ok,
+                                lambda f, ws: linear_group_as(x, ws, biases, f))
+
+    def _time_calls(self, weights: list[Tensor], out_bytes: int, ok: list[bool], call) -> tuple[float, ...]:
+        """µs per ``call(f, weights)`` for each formulation ``f`` with ``ok[f]`` (others: inf)."""
+        dev = weights[0].device
+        nbytes = sum(w.numel() * w.element_size() for w in weights)
         l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20)
-        copies = [weight] + [weight.clone() for _ in range(max(0, min(15, math.ceil(2 * l2 / nbytes) - 1)))]
-        out_bytes = x.shape[0] * weight.shape[0] * x.element_size()
+        n_copies = max(1, min(16, math.ceil(2 * l2 / nbytes)))
+        copies = [list(weights)] + [[w.clone() for w in weights] for _ in range(n_copies - 1)]
         reps = max(4, min(self.reps, (64 << 20) // max(out_bytes, 1)))  # outputs held: <= 64 MB or 4 calls
         out = []
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream):
             for f in range(len(FORMULATIONS)):
-                if not applies(f, x, weight):
+                if not ok[f]:
                     out.append(float("inf"))
                     continue
                 try:
-                    for w in copies[:2]:
-                        linear_as(x, w, bias, f)
+                    for ws in copies[:2]:
+                        call(f, ws)
                     g = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(g):  # (each call's output stays allocated in the graph's pool)
                         for i in range(reps):
-                            linear_as(x, copies[i % len(copies)], bias, f)
+                            call(f, copies[i % len(copies)])
                     out.append(replay_us(g, reps, self.trials))
                     del g
                 except Exception:  # a formulation this build cannot run or capture: never picked
@@ -189,13 +282,18 @@ class GemmPicker:
         return tuple(out)
 
     def summary(self) -> dict[str, dict]:
-        """``{"dtype MxNxK[+bias]": {"pick": name, "us": {name: µs}}}`` of every shape timed so far."""
+        """``{"dtype MxNxK[+bias]": {"pick": name, "us": {name: µs}}}`` of every shape timed so far
+        (groups: ``N`` as ``N1+N2+...``, with a ``"separate"`` time)."""
         out = {}
         for key, t in self.timings.items():
             _, dt, M, N, K, b = key
+            f = self.choice[key]
+            us = {FORMULATIONS[i]: round(x, 2) for i, x in enumerate(t) if x != float("inf")}
+            if isinstance(N, tuple):
+                us["separate"] = round(self.separate_us[key], 2)
+                N = "+".join(map(str, N))
             out[f"{dt} {M}x{N}x{K}{'+bias' if b else ''}"] = dict(
-                pick=FORMULATIONS[self.choice[key]],
-                us={FORMULATIONS[i]: round(x, 2) for i, x in enumerate(t) if x != float("inf")})
+                pick="separate" if f == SEPARATE else FORMULATIONS[f], us=us)
         return out
 
     def mode(self) -> contextlib.AbstractContextManager:
@@ -249,3 +347,76 @@ def _linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, picker: int) -> T
 @_linear_op.register_fake
 def _(x, weight, bias, picker):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("specdec::linear_group", mutates_args=())
+def _linear_group_op(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], picker: int) -> list[Tensor]:
+    with torch._C.DisableTorchFunction():
+        p = _PICKERS[picker]
+        return linear_group_as(x, weights, biases, p.group_formulation(x, weights, biases), p)
+
+
+@_linear_group_op.register_fake
+def _(x, weights, biases, picker):
+    return [x.new_empty(*x.shape[:-1], w.shape[0]) for w in weights]
+
+
+def group_linears(graph: torch.fx.Graph) -> int:
+    """Replace ``specdec::linear`` calls that share their input (and picker, and whether they have a
+    bias) by ``specdec::linear_group`` calls of up to ``MAX_GROUP`` linears each, in graph order.
+    Returns the number of groups made. Used as an Inductor post-grad pass (:data:`GROUP_PASS`)."""
+    linear = torch.ops.specdec.linear.default
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    by_input: dict[tuple, list] = {}
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is linear:
+            x, w, b, picker = _op_args(node, ("x", "weight", "bias", "picker"))
+            by_input.setdefault((x, picker, b is None), []).append((node, w, b))
+    made, cap = 0, _max_group()
+    for (x, picker, _), calls in by_input.items():
+        for i in range(0, len(calls), cap or 1):
+            chunk = calls[i:i + cap]
+            first = chunk[0][0]
+            # every weight / bias must exist before the first call: inputs do; constants (get_attr,
+            # Inductor's freezing places them at their use) are moved up; computed ones: no group
+            late = [a for _, w, b in chunk for a in (w, b) if isinstance(a, torch.fx.Node) and order[a] > order[first]]
+            if len(chunk) < 2 or any(a.op != "get_attr" for a in late):
+                continue
+            for a in late:
+                first.prepend(a)
+            with graph.inserting_before(first):
+                group = graph.call_function(torch.ops.specdec.linear_group.default,
+                                            (x, [w for _, w, _ in chunk], [b for _, _, b in chunk], picker))
+                group.meta["val"] = [n.meta.get("val") for n, _, _ in chunk]
+                for j, (node, _, _) in enumerate(chunk):
+                    item = graph.call_function(operator.getitem, (group, j))
+                    item.meta.update(node.meta)
+                    node.replace_all_uses_with(item)
+            for node, _, _ in chunk:
+                graph.erase_node(node)
+            made += 1
+    return made
+
+
+def _op_args(node: torch.fx.Node, names: tuple[str, ...]) -> list:
+    args = list(node.args)
+    return args + [node.kwargs.get(n) for n in names[len(args):]]
+
+
+try:
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+except ImportError:  # an Inductor without custom pass hashing: a plain callable (disables its FX cache)
+    CustomGraphPass, get_hash_for_files = object, None
+
+
+class _GroupPass(CustomGraphPass):
+    """:func:`group_linears` as an Inductor ``post_grad_custom_pre_pass`` (hashable for its cache)."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        group_linears(graph)
+
+    def uuid(self):
+        return get_hash_for_files((os.path.abspath(__file__),)) if get_hash_for_files else None
+
+
+GROUP_PASS = _GroupPass()

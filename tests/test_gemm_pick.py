@@ -13,7 +13,8 @@ import torch.nn.functional as F
 import specdec
 from drafters import Replay
 from specdec.cuda_graph import CUDAGraphRunner
-from specdec.gemm_pick import FORMULATIONS, GEMV_FORMULATIONS, SKINNY_FORMULATIONS, GemmPicker, applies, linear_as
+from specdec.gemm_pick import (FORMULATIONS, GEMV_FORMULATIONS, SEPARATE, SKINNY_FORMULATIONS, GemmPicker, applies,
+                                group_applies, linear_as, linear_group_as)
 from specdec.generate import verify_step
 from tests.helpers import tiny_model
 from verifiers import SDPAVerifier
@@ -235,3 +236,125 @@ def test_runner_with_skinny_matches_eager(skinny):
     assert out.new_tokens == ref.new_tokens
     multi = {k: f for k, f in picker.choice.items() if k[2] > 1}
     assert multi and all(f == skinny for f in multi.values())
+
+
+# ---------------------------------------------------------------- linears of one input in one launch
+@pytest.mark.skipif(not _INTERP, reason="the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_grouped_launches_match_reference(with_bias):
+    """The grouped GEMV (fp32) and skinny GEMM (fp16, split-K included, each called twice) compute
+    every linear of a group of 1-4, with ragged row counts, as the separate reference does."""
+    g = torch.Generator().manual_seed(11)
+    K, Ns = 197, (45, 3, 70, 16)
+    for dtype, Ms, fs in ((torch.float32, (1,), GEMV_FORMULATIONS), (torch.float16, (2, 16, 64), SKINNY_FORMULATIONS)):
+        ws = [(torch.randn(n, K, generator=g) / 8).to(dtype) for n in Ns]
+        bs = [torch.randn(n, generator=g).to(dtype) for n in Ns] if with_bias else [None] * len(Ns)
+        for M in Ms:
+            for f in fs:
+                for size in (1, 2, 3, 4):
+                    x = torch.randn(1, M, K, generator=g).to(dtype)
+                    assert group_applies(f, x, ws[:size])
+                    outs = linear_group_as(x, ws[:size], bs[:size], f)
+                    assert len(outs) == size
+                    for y, w, b in zip(outs, ws, bs):
+                        ref = x.double() @ w.double().T + (b.double() if with_bias else 0)
+                        assert y.shape == (1, M, w.shape[0]) and y.dtype == dtype and y.is_contiguous()
+                        tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3 * K ** 0.5)
+                        torch.testing.assert_close(y.double(), ref, **tol)
+    x = torch.randn(1, 1, K)
+    w32 = [torch.randn(5, K), torch.randn(6, K)]
+    assert not group_applies(0, x, w32)  # cuBLAS has no grouped call
+    assert not group_applies(GEMV_FORMULATIONS[0], x, [w32[0], w32[1].double()])  # one dtype
+    assert not group_applies(GEMV_FORMULATIONS[0], x, w32 * 3)  # at most MAX_GROUP linears
+    assert group_applies(SEPARATE, x, w32 * 3)
+
+
+class _FakeGroupTimer(_FakeTimer):
+    def __call__(self, x, weights, biases):
+        self.calls.append((x.shape[0], tuple(w.shape[0] for w in weights), x.shape[1]))
+        return self.times
+
+
+def test_group_choice_follows_timings_with_a_margin():
+    """A group runs grouped only when that beats its linears' own best times by > 3 %; each group
+    shape is timed once; the summary lists it with its separate time."""
+    x, ws = torch.randn(1, 8), [torch.randn(5, 8), torch.randn(3, 8)]
+    gemv = GEMV_FORMULATIONS[0]
+    single = _FakeTimer((4.0, 5.0, 6.0))  # 4 µs per linear, 8 µs separate
+    for grouped_us, want in ((7.9, SEPARATE), (7.5, gemv), (float("inf"), SEPARATE)):
+        times = (1.0, 1.0, 1.0) + (float("inf"),) * (gemv - 3) + (grouped_us,)  # cuBLAS entries are ignored
+        p = GemmPicker(device_types=("cpu",), timer=single, group_timer=_FakeGroupTimer(times))
+        assert p.group_formulation(x, ws, [None, None]) == want
+    gt = _FakeGroupTimer((float("inf"),) * gemv + (2.0,))
+    p = GemmPicker(device_types=("cpu",), timer=_FakeTimer((4.0, 5.0, 6.0)), group_timer=gt)
+    for _ in range(3):
+        assert p.group_formulation(x.view(1, 1, 8), ws, [None, None]) == gemv
+    assert gt.calls == [(1, (5, 3), 8)]
+    s = p.summary()["float32 1x5+3x8"]
+    assert s["pick"] == FORMULATIONS[gemv] and s["us"]["separate"] == 8.0
+
+
+def _qkvo(x, wq, wk, wv, wo, index):
+    q = torch.ops.specdec.linear(x, wq, None, index)
+    k = torch.ops.specdec.linear(x, wk, None, index)
+    v = torch.ops.specdec.linear(x, wv, None, index)
+    return torch.ops.specdec.linear(q * k.sum() + v.mean(), wo, None, index)
+
+
+def test_group_pass_joins_linears_of_one_input():
+    """The post-grad pass turns the three linears of ``x`` into one ``specdec::linear_group`` (the
+    fourth, of another input, stays), at most MAX_GROUP per group; results are unchanged."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from specdec.gemm_pick import _PICKERS, group_linears
+    from specdec.kernels.gemv import MAX_GROUP
+
+    picker = GemmPicker(device_types=("cpu",), timer=_FakeTimer((1.0, 5.0, 6.0)),
+                        group_timer=_FakeGroupTimer((float("inf"),) * _N))  # no grouped launch applies: SEPARATE
+    with picker.mode():
+        pass  # registers the picker
+    index = next(i for i, p in enumerate(_PICKERS) if p is picker)
+    g = torch.Generator().manual_seed(3)
+    args = [torch.randn(1, 8, generator=g)] + [torch.randn(8, 8, generator=g) for _ in range(4)]
+    ref = _qkvo(*args, index)
+    gm = make_fx(lambda *a: _qkvo(*a, index))(*args)
+    assert group_linears(gm.graph) == 1
+    gm.recompile()
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.specdec.linear_group.default) == 1
+    assert targets.count(torch.ops.specdec.linear.default) == 1
+    torch.testing.assert_close(gm(*args), ref)
+
+    def many(x, *w):
+        return sum(torch.ops.specdec.linear(x, wi, None, index).sum() for wi in w)
+
+    ws = [torch.randn(4, 8, generator=g) for _ in range(MAX_GROUP + 2)]
+    gm = make_fx(many)(args[0], *ws)
+    assert group_linears(gm.graph) == 2  # MAX_GROUP + 2 linears: two groups
+    gm.recompile()
+    torch.testing.assert_close(gm(args[0], *ws), many(args[0], *ws))
+
+
+@pytest.mark.skipif(not _INTERP, reason="the Triton GEMV runs on CPU tensors only under TRITON_INTERPRET=1")
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="Inductor on CPU needs a C compiler")
+def test_compiled_forward_runs_grouped_linears():
+    """compile=True (Inductor, with the group pass): a model's q/k/v and gate/up run as grouped GEMVs
+    when those time faster, and the logits stay those of the plain model."""
+    from specdec.cuda_graph import compiled_forward
+
+    model = tiny_model("llama", seed=4)
+    ids = torch.randint(3, 256, (1, 1), generator=torch.Generator().manual_seed(2))
+    gemv = GEMV_FORMULATIONS[0]
+    picker = GemmPicker(device_types=("cpu",), timer=_FakeTimer((10.0, 11.0, 12.0)),
+                        group_timer=_FakeGroupTimer((float("inf"),) * gemv + (1.0,)))
+    with torch.inference_mode():
+        ref = model(input_ids=ids).logits
+        torch._dynamo.reset()
+        with picker.mode():
+            out = compiled_forward(True)(model, input_ids=ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    cfg = model.config
+    H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    groups = {k[3] for k in picker.choice if isinstance(k[3], tuple)}
+    assert groups == {(H * D, Hkv * D, Hkv * D), (cfg.intermediate_size, cfg.intermediate_size)}
+    assert all(picker.choice[k] == gemv for k in picker.choice if isinstance(k[3], tuple))

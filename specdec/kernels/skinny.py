@@ -25,7 +25,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["skinny_linear", "skinny_applies", "SKINNY_CONFIGS", "SKINNY_MAX_M", "SKINNY_DTYPES"]
+from .gemv import group_args, group_tile
+
+__all__ = ["skinny_linear", "skinny_group", "skinny_applies", "SKINNY_CONFIGS", "SKINNY_MAX_M", "SKINNY_DTYPES"]
 
 SKINNY_MAX_M = 64
 SKINNY_DTYPES = (torch.bfloat16, torch.float16)  # fp32 would need IEEE dots on CUDA cores: slower than cuBLAS
@@ -43,11 +45,14 @@ SKINNY_CONFIGS: tuple[dict, ...] = (
 )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N0", "N1", "N2", "N3", "S1", "S2", "S3"])
 def _skinny(
-    X, W, BIAS, SCALE, Y, WS, CNT,
-    M, N, K, k_per_split,
-    stride_xm, stride_wn, stride_ym,
+    X, SCALE, WS, CNT,
+    M, K, k_per_split,
+    stride_xm, stride_wn,
+    W0, W1, W2, W3, Y0, Y1, Y2, Y3, B0, B1, B2, B3,
+    N0, N1, N2, N3, S1, S2, S3,
+    NUM_GROUPS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -55,9 +60,13 @@ def _skinny(
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
+    # Up to 4 linears of the same x in one launch (``group_tile``: program ``pid`` owns BLOCK_N
+    # rows of one of them); y_i is a contiguous [M, N_i]. NUM_GROUPS = 1 is the plain skinny GEMM.
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)  # which K chunk (SPLIT_K > 1)
-    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output columns = weight rows
+    W, Y, BIAS, N, tile = group_tile(pid, S1, S2, S3, W0, W1, W2, W3, Y0, Y1, Y2, Y3,
+                                     B0, B1, B2, B3, N0, N1, N2, N3, NUM_GROUPS)
+    rn = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output columns = weight rows
     rm = tl.arange(0, BLOCK_M)  # [BLOCK_M] rows of x
     n_ok = rn < N
     m_ok = rm < M
@@ -73,9 +82,9 @@ def _skinny(
                     eviction_policy="evict_first")  # [BLOCK_N, BLOCK_K]
         x = tl.load(x_rows + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
         acc = tl.dot(w.to(x.dtype), tl.trans(x), acc)  # [BLOCK_N, BLOCK_M] (int8 weights: exact in 16 bits)
-    if HAS_SCALE:  # int8 weights with one scale per output channel: y = (x @ q.T) * s
+    if HAS_SCALE:  # int8 weights with one scale per output channel: y = (x @ q.T) * s (one linear)
         acc *= tl.load(SCALE + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-    store_y(acc, Y, BIAS, WS, CNT, rn, rm, n_ok, m_ok, stride_ym, pid, pid_k, HAS_BIAS, BLOCK_N, BLOCK_M, SPLIT_K)
+    store_y(acc, Y, BIAS, WS, CNT, rn, rm, n_ok, m_ok, N, pid, pid_k, HAS_BIAS, BLOCK_N, BLOCK_M, SPLIT_K)
 
 
 @triton.jit
@@ -162,22 +171,47 @@ def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, config:
         raise ValueError("skinny_linear: an int8 weight needs its per-channel scale, and only an int8 weight takes one")
     if scale is not None and scale.shape != (N,):
         raise ValueError(f"skinny_linear: scale must be [{N}], got {tuple(scale.shape)}")
+    return skinny_group(x, [weight], [bias], config, scale)[0]
+
+
+def skinny_group(x: Tensor, weights: list[Tensor], biases: list[Tensor | None] | None = None,
+                 config: dict | None = None, scale: Tensor | None = None) -> list[Tensor]:
+    """``[x @ w.T + b for w, b in zip(weights, biases)]`` for 2-64 rows of ``x``, in ONE launch
+    (the linears of one input, e.g. q/k/v; see :func:`specdec.kernels.gemv.gemv_group`).
+
+    Args: as :func:`skinny_linear`, with 1-4 weights of one dtype and row stride, no biases or one
+    per weight; ``scale`` (int8) only with a single weight.
+    Returns: one ``[..., N_i]`` tensor per weight.
+    """
+    K = x.shape[-1]
+    biases = list(biases) if biases is not None else [None] * len(weights)
+    if any(w.shape[1] != K or not skinny_applies(x, w) or w.stride(0) != weights[0].stride(0)
+           or w.dtype != weights[0].dtype for w in weights):
+        raise ValueError(f"skinny_group takes 2..{SKINNY_MAX_M} rows of bf16/fp16 and [N, {K}] weights of one "
+                         f"dtype and row stride with contiguous rows; got x {tuple(x.shape)} {x.dtype}, weights "
+                         f"{[(tuple(w.shape), w.dtype) for w in weights]}")
+    if len(biases) != len(weights) or len({b is None for b in biases}) > 1:
+        raise ValueError("skinny_group: give no biases or one per weight")
+    if any(b is not None and b.dtype != x.dtype for b in biases):
+        raise ValueError("skinny_group: biases must have x's dtype")
+    if scale is not None and len(weights) != 1:
+        raise ValueError("skinny_group: int8 scales take a single weight")
     cfg = dict(config or SKINNY_CONFIGS[0])
     x2 = x.reshape(-1, K)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)  # [M, N]
+    outs = [torch.empty(M, w.shape[0], dtype=x.dtype, device=x.device) for w in weights]  # [M, N_i]
     bm, bn, bk = max(16, triton.next_power_of_2(M)), cfg["BLOCK_N"], cfg["BLOCK_K"]
     split = min(cfg.get("SPLIT_K", 1), triton.cdiv(K, bk))
     k_per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk  # a multiple of BLOCK_K
     split = triton.cdiv(K, k_per_split)
-    tiles = triton.cdiv(N, bn)
-    ws, cnt = workspace(x.device, tiles, bn * bm, split) if split > 1 else (y, y)
+    args, tiles = group_args(weights, outs, biases, bn)
+    ws, cnt = workspace(x.device, tiles, bn * bm, split) if split > 1 else (outs[0], outs[0])
     _skinny[(tiles, split)](
-        x2, weight, bias if bias is not None else y, scale if scale is not None else y, y, ws, cnt,
-        M, N, K, k_per_split, x2.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        x2, scale if scale is not None else outs[0], ws, cnt,
+        M, K, k_per_split, x2.stride(0), weights[0].stride(0), *args,
+        NUM_GROUPS=len(weights), HAS_BIAS=biases[0] is not None, HAS_SCALE=scale is not None,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return y.reshape(*x.shape[:-1], N)
+    return [y.reshape(*x.shape[:-1], y.shape[1]) for y in outs]
