@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .kernels.argmax import fast_argmax
 from .state import AcceptResult, SamplingConfig
 from .tree import TokenTree
 
@@ -71,7 +72,7 @@ def greedy_accept(tree: TokenTree, logits: Tensor) -> AcceptResult:
         tree: the verified tree, ``N`` nodes.
         logits: ``[B, N, V]`` target logits at every node.
     """
-    g = logits.argmax(-1)  # [B, N] target's token after each node
+    g = fast_argmax(logits)  # [B, N] target's token after each node (= argmax(-1); see kernels/argmax.py)
     par = tree.parents.clamp(min=0)
     correct = (tree.tokens == g.gather(1, par)) & tree.valid_mask  # [B, N]
     correct[:, 0] = True
