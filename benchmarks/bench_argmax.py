@@ -10,7 +10,7 @@ For each shape and dtype:
   2. timing: a CUDA graph of ``--calls`` back-to-back calls on the same logits, replayed; the time
      per call from CUDA events, median over replays (launch gaps of a captured step included, host
      overhead not). ``kernel`` is the Triton path forced even where the dispatcher would not take
-     it (``[1, 64, V]`` has more rows than ``MAX_ROWS``): it shows whether the threshold should move.
+     it (shapes with more rows than ``MAX_ROWS`` go to torch): it shows where the threshold should sit.
 The markdown table is printed last.
 
 Usage: python benchmarks/bench_argmax.py [--calls 50] [--reps 30]

@@ -36,11 +36,11 @@ from torch import Tensor
 
 __all__ = ["MAX_ROWS", "MIN_COLS", "argmax_applies", "argmax_lastdim", "fast_argmax"]
 
-# Dispatcher thresholds (chosen, not measured; benchmarks/bench_argmax.py times [1, 64, V] too):
-# the gain is for few rows, where torch's per-row reduction leaves most SMs idle (one 128k row:
-# 30 us in the H200 profile); a tree verify of <= 16 nodes at batch 1 is the target. Short rows
-# are cheap for torch whatever their number.
-MAX_ROWS = 16
+# Dispatcher thresholds. H200, bf16 [1, n, 128256] in a CUDA graph (benchmarks/bench_argmax.py,
+# notes/issue6.md, seventh session): torch 26.1 / 26.8 / 27.1 us at n = 1 / 16 / 64 rows, this
+# kernel 3.1 / 5.0 / 11.0 us, so it takes every tree of up to 64 nodes at batch 1 (the largest
+# bucket). Short rows are cheap for torch whatever their number.
+MAX_ROWS = 64
 MIN_COLS = 4096
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
