@@ -6,6 +6,8 @@ only), each option set runs in its own subprocess (fresh dynamo / Inductor state
 * ``graphs``: ``compile=False`` (CUDA graphs only);
 * ``default``: ``compile=True``;
 * ``no-group``: ``compile={"group_linears": False}`` (q/k/v and gate/up as separate launches);
+* ``forward-only``: ``compile={"compile_step": False}`` (the forward compiled alone, the step's
+  acceptance / commit / append bookkeeping eager; ``default`` compiles the whole step);
 * ``no-pick`` / ``graphs+no-pick``: the same with ``specdec.gemm_pick.ENABLED = False`` (every linear
   through ``F.linear``, as cuBLAS chooses);
 * ``freeze``: ``compile={"freezing": True}`` (weights as constants; Inductor's freezing passes
@@ -36,7 +38,8 @@ VARIANTS = {
     "graphs": False,  # CUDA graphs, no compile
     "graphs+no-pick": False,
     "default": True,
-    "no-group": {"group_linears": False},  # default without grouping the linears of one input
+    "no-group": {"group_linears": False},
+    "forward-only": {"compile_step": False},  # the forward compiled, the step's bookkeeping eager  # default without grouping the linears of one input
     "no-pick": True,  # default without specdec.gemm_pick (cuBLAS's own choice for every linear)
     "freeze": {"freezing": True},
     "autotune": {"max_autotune": True, "max_autotune_gemm_backends": "ATEN,TRITON"},

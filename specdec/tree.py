@@ -18,10 +18,26 @@ Trees of a batch share N; a row that needs fewer nodes pads with ``pad`` nodes (
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import torch
 from torch import Tensor
+
+
+class cached_property:  # noqa: N801 (functools.cached_property without its lock, as in Python 3.12)
+    """Computed on first access, then stored in the instance: Python 3.11's functools version takes a
+    lock that torch.compile cannot trace through (a compiled decode step reads these masks)."""
+
+    def __init__(self, fn):
+        self.fn, self.name, self.__doc__ = fn, fn.__name__, fn.__doc__
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.fn(obj)
+        return value
 
 __all__ = ["TokenTree", "pack_bits"]
 

@@ -284,6 +284,26 @@ def test_compile_needs_the_graph_runner():
     assert specdec.generate(model, prompt, max_new_tokens=6, cuda_graphs=False).new_tokens == ref.new_tokens
 
 
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="Inductor on CPU needs a C compiler")
+def test_runner_compiled_step_matches_eager_cpu():
+    """compile=True: Inductor compiles the runner's whole step (forward, acceptance, commit, append)
+    and the runner commits the eager loop's tokens, one-token and tree steps alike."""
+    model = tiny_model("llama", seed=3)
+    prompt = _prompt(seed=5)
+    ref = specdec.generate(model, prompt, max_new_tokens=NEW, cuda_graphs=False)
+    torch._dynamo.reset()
+    runner = CUDAGraphRunner(model, SDPAVerifier(), verify_step, 1, 256, buckets=(1, 8), capture=False, compile=True)
+    assert runner._step is not None and runner._forward is None
+    for drafter in (None, Replay(ref.new_tokens[0], 0.5, branching=3, seed=2)):
+        out = specdec.generate(model, prompt, drafter=drafter, max_new_tokens=NEW, budget=6, verifier=SDPAVerifier(),
+                               cuda_graphs=runner)
+        assert out.new_tokens == ref.new_tokens
+    assert {n for (n, _), b in runner._buckets.items() if b.replays} == {1, 8}
+    forward_only = CUDAGraphRunner(model, SDPAVerifier(), verify_step, 1, 64, buckets=(1,), capture=False,
+                                   compile={"compile_step": False})
+    assert forward_only._step is None and forward_only._forward is not None
+
+
 def test_compiled_forward_is_one_function_per_setting():
     """Inductor options as a dict: equal dicts share one compiled function, other settings do not."""
     from specdec.cuda_graph import compiled_forward
@@ -321,7 +341,8 @@ def test_freezing_option_reaches_dynamo():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("name, compile", [("ar", True), ("replay-tree", True), ("replay-tree", {"freezing": True})])
+@pytest.mark.parametrize("name, compile", [("ar", True), ("replay-tree", True), ("replay-tree", {"freezing": True}),
+                                           ("replay-tree", {"compile_step": False})])
 def test_compiled_graph_replay_matches_eager_cuda(name, compile):
     """compile=True (Inductor; or with freezing: constant weights, concatenated linears) inside the
     captured steps: same tokens as the eager loop (fp32)."""
