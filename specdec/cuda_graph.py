@@ -158,9 +158,11 @@ class CUDAGraphRunner:
         self.max_len = int(max_len)
         self.capture = capture
         self.compile = compile
-        # Inductor compiles the whole step unless told {"compile_step": False}; other backends the forward
+        # Inductor compiles the whole step unless told {"compile_step": False} or freezing (whose
+        # constant folding was only validated on the forward); other backends compile the forward
         whole = (compile is True or compile == "inductor"
-                 or (isinstance(compile, Mapping) and bool(compile.get("compile_step", True))))
+                 or (isinstance(compile, Mapping) and bool(compile.get("compile_step", True))
+                     and not compile.get("freezing")))
         self._step = compiled_forward(compile, step_fn) if compile and whole else None  # the whole step
         self._forward = compiled_forward(compile) if compile and not whole else None  # the forward only
         # per-shape GEMM choice for every captured step (Inductor's freezing concatenates linears:
@@ -402,7 +404,8 @@ def compiled_forward(compile, fn: Callable | None = None) -> Callable:
     ``{"group_linears": False}`` turns that off. With Inductor the runner compiles its whole device
     step (verify forward, acceptance, commit, append: :func:`specdec.generate.verify_step`) as one
     graph, so the step's ~90 small bookkeeping kernels are fused too (H200, 8B: verify(1) 4.437 ->
-    4.276 ms); ``{"compile_step": False}`` compiles the forward alone. Other backends compile the
+    4.276 ms); ``{"compile_step": False}`` compiles the forward alone, and so does ``freezing`` (the
+    whole step with frozen weights failed the CUDA equality test). Other backends compile the
     forward alone.
 
     One compiled function per setting, shared by every model: dynamo keeps one entry per (model,
