@@ -109,6 +109,7 @@ class _Bucket:
     staged: Tensor | None = None  # [B, 3, n] int64 on the host (pinned on CUDA): a host tree, one copy to ``packed``
     graph: "torch.cuda.CUDAGraph | None" = None
     replays: int = 0
+    masks: dict = field(default_factory=dict)  # root-only: the one-node tree's constant masks (compiled step)
 
 
 @dataclass
@@ -288,6 +289,11 @@ class CUDAGraphRunner:
             b.parents.copy_(b.packed[:, 1])
             b.valid.copy_(b.packed[:, 2] != 0)
         tree = TokenTree(tokens=b.tokens, parents=b.parents, valid=b.valid)
+        if self._step is not None:  # the tree's masks outside the compiled step: their log2(N)
+            # squarings would make dynamo compile one graph per power-of-two bucket
+            if b.root_only and not b.masks:  # one node, fixed parents: constant masks, computed once
+                b.masks = self._tree_masks(TokenTree(tokens=b.tokens, parents=b.parents, valid=b.valid))
+            tree.__dict__.update(b.masks if b.root_only else self._tree_masks(tree))
         target, step = self._target(), self._step or self.step_fn
         if self._forward is not None:
             target = _CompiledCall(target, self._forward)
@@ -300,6 +306,13 @@ class CUDAGraphRunner:
         b.path_len.copy_(res.path_len)
         b.bonus.copy_(res.bonus)
         b.host.copy_(host)
+
+    def _tree_masks(self, tree: TokenTree) -> dict:
+        """The tree's cached masks the step reads (eager ops), as ``TokenTree`` attributes."""
+        out = dict(ancestor_mask=tree.ancestor_mask, depths=tree.depths)
+        if getattr(self.verifier, "uses_packed_mask", False):
+            out["packed_ancestor_mask"] = tree.packed_ancestor_mask
+        return out
 
     def _bucket(self, n: int, root_only: bool) -> _Bucket:
         key = (n, root_only)
