@@ -76,16 +76,11 @@ def graph_us(fn, x: torch.Tensor, calls: int, reps: int) -> float:
     for _ in range(3):
         g.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / calls)
+    from specdec.gemm_pick import replay_us
+
+    us = replay_us(g, calls, reps)  # median over ``reps`` replays, µs per call
     del g
-    return sorted(times)[len(times) // 2]
+    return us
 
 
 def main() -> int:
