@@ -39,7 +39,8 @@ cache write and the commit enter the traced graph as custom ops, ``specdec::tree
 ``specdec::kv_write`` / ``specdec::kv_commit``; linears of one input become one
 ``specdec::linear_group`` launch where that is faster). Compilation happens at a bucket's first
 capture: the first bucket compiles with static shapes, the second one recompiles with the tree size
-symbolic, and that graph serves every later bucket (dynamo's automatic dynamic shapes).
+symbolic, and that graph serves later buckets (dynamo's automatic dynamic shapes; a few more
+recompile where a kernel's launch choice changes with the tree size, see ``docs/gpu.md``).
 
 Model-based drafters capture their own draft steps separately (:mod:`specdec.draft_graphs`, used by
 ``DraftModel`` / ``QuantizedCopy`` / ``EarlyExit`` with ``cuda_graphs=None`` on CUDA); between two
