@@ -18,7 +18,9 @@ class Drafter(Protocol):
       is in ``state.host_tokens`` / ``state.sequences``, the first new token is the root).
     * ``propose`` returns a :class:`~specdec.TokenTree` whose node 0 is ``state.roots`` and that
       has at most ``budget + 1`` nodes (``budget`` counts draft nodes, the root excluded).
-    * ``observe`` is called after each verify step with what was committed.
+    * ``observe`` is called after each verify step with what was committed. The tensors of
+      ``accepted`` may be the CUDA-graph runner's static output buffers, overwritten by the next
+      step: clone what must outlive the call (``on_step`` callbacks get the same object).
 
     A drafter must never change the target's committed cache contents.
     """

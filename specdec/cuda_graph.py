@@ -58,6 +58,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .attention import bind_model
 from .cache import StaticTreeCache
 from .gemm_pick import GemmPicker, default_picker, shared_picker
 from .metrics import DepthCounters
@@ -151,6 +152,7 @@ class CUDAGraphRunner:
         self.device, self.dtype = p.device, p.dtype
         if capture and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the target on a CUDA device")
+        bind_model(target)  # eagerly: the lazy registration inside it cannot be traced by dynamo
         self._target = weakref.ref(target)
         self.verifier = verifier
         self.step_fn = step_fn

@@ -255,7 +255,8 @@ def generate(
         budget: at most this many draft nodes per tree (root excluded).
         pad_token_id: fills rows that stopped early (default: generation config's pad, else EOS, else 0).
         cache: reuse a preallocated cache (must be large enough); default allocates one per call.
-        on_step: callback after each verify step (streaming, logging). No prints in the loop.
+        on_step: callback after each verify step (streaming, logging). No prints in the loop. The
+            ``AcceptResult``'s tensors are valid until the next step (clone what you keep).
         cuda_graphs: replay steps 2-5a as CUDA graphs, one per tree-size bucket
             (:mod:`specdec.cuda_graph`). ``None`` (default): on for CUDA with greedy decoding and no
             ``cache`` passed in; ``True``: required (raises where unsupported); ``False``: eager; or a
@@ -375,9 +376,7 @@ def generate(
             view_len = max(len(t) for t in host_tokens) - 1 + tree.num_nodes
             step = verify_step(target, verifier, tree, cache, view_len, sampling, generator, active, sequences,
                                state.seq_lens, counters)
-        res, host_t = step
-        if graphs is not None and drafter is not None:  # static output buffers: the drafter gets its own copy
-            res = AcceptResult(path=res.path.clone(), path_len=res.path_len.clone(), bonus=res.bonus.clone())
+        res, host_t = step  # (with graphs: the runner's static buffers, valid until the next step)
         # 5. the one host sync of the step: accepted length + tokens; EOS/stop on the host
         host = host_t.tolist()
         steps += 1

@@ -145,16 +145,22 @@ def test_tree_attention_half_precision():
     torch.testing.assert_close(got.float(), ref, atol=3e-3, rtol=3e-3)
 
 
-@pytest.mark.parametrize("N, want", [(1, dict(BLOCK_N=64, min_tiles=1, max_splits=16)), (16, dict(num_stages=2)),
-                                     (64, dict(combine="fused", max_splits=4, tree_split="legacy"))])
-def test_short_view_defaults_match_sdpa(N, want):
+@pytest.mark.parametrize("N, prefix, want", [
+    (1, 400, dict(BLOCK_N=64, min_tiles=1, max_splits=16)),
+    (16, 400, dict(BLOCK_M=16, num_stages=2, tree_split="first")),  # views <= 1024: 16-row query blocks
+    (32, 400, dict(BLOCK_M=16, max_splits=2, tree_split="legacy")),
+    (64, 400, dict(BLOCK_M=16, max_splits=1)),
+    (64, 1100, dict(BLOCK_M=64, combine="fused", max_splits=4, tree_split="legacy")),  # 1024 < view <= 2048
+])
+def test_short_view_defaults_match_sdpa(N, prefix, want):
     """16-bit inputs in a short host view get the short-view launch configs (decode: one 64-key tile
-    per split; N = 64: host-sized chunks with the fused merge) and still match the reference."""
+    per split; trees in views up to 1024 keys: 16-row query blocks; N = 64 in longer short views:
+    host-sized chunks with the fused merge) and still match the reference."""
     ta = importlib.import_module("verifiers.kernels.tree_attention")
     gen = torch.Generator().manual_seed(40 + N)
     B, Hq, Hkv, D = 2, 8, 2, 32
     tree = _tree("random", B, N, gen)
-    q, k, v, pl, L = _inputs(B, Hq, Hkv, D, N, [400, 3], gen, dtype=torch.float16)  # view 405 + N: >= 2 splits
+    q, k, v, pl, L = _inputs(B, Hq, Hkv, D, N, [prefix, 3], gen, dtype=torch.float16)  # >= 2 splits where split
     cfg = ta.pick_config(N, Hq // Hkv, D, torch.float16, view_len=L)
     assert {key: cfg[key] for key in want} == want
     assert ta.pick_config(N, Hq // Hkv, D, torch.float16, view_len=8192) != cfg  # long views: unchanged

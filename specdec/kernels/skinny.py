@@ -36,10 +36,16 @@ SKINNY_DTYPES = (torch.bfloat16, torch.float16)  # fp32 would need IEEE dots on 
 # M = 2..64 (``notes/issue6.md``, sixth session): whole-K 256- and 128-wide steps for the q/o, MLP
 # and head shapes; split-K 2 for ``down`` (K = 14336); split-K 8 for the narrow k/v (N = 1024, where
 # 16 tiles of 64 rows would leave most SMs idle).
+# Added in the eighth session, timed on the model's own groups (H200, ``notes/issue6.md``): 6
+# stages for q+k+v at 64 rows (17.95 -> 16.74 µs), 128-row tiles on two warpgroups for gate+up
+# (16 rows 58.32 -> 57.41, 64 rows 62.92 -> 62.06 µs) and the head (64 rows 259.9 -> 255.9 µs).
 SKINNY_CONFIGS: tuple[dict, ...] = (
     dict(BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=5, SPLIT_K=1),
     dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4, SPLIT_K=1),
     dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, SPLIT_K=1),
+    dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=6, SPLIT_K=1),
+    dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, SPLIT_K=1),
+    dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4, SPLIT_K=1),
     dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=5, SPLIT_K=2),
     dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4, SPLIT_K=8),
 )

@@ -330,6 +330,20 @@ def pick_config(n_q: int, group: int, head_dim: int, dtype: torch.dtype, view_le
         if short:
             return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2, **dict(legacy, min_tiles=1, max_splits=16))
         return dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, **legacy)
+    # Views of at most 1024 keys, several tree nodes: 16-row query blocks (four nodes of a GQA group
+    # of 4), so a 64-node tree is 16 blocks per KV head, 128 programs that need no split at all.
+    # H200, 8B heads, bf16, prefix 256 / 256 / 640 in views of 512 / 1024 / 1024 (sweep
+    # ``.carry``-probe of 2026-11-22, eighth session; notes/issue6.md): N = 16 9.00 / 9.16 / 9.14 us
+    # -> 7.77 / 7.79 / 9.30 (device-side prefix split, tree keys alone in the first program);
+    # N = 32 13.11 / 13.59 / 14.00 -> 8.78 / 8.50 / 12.31 (two host-sized splits); N = 64 13.45 /
+    # 15.20 / 15.41 -> 9.64 / 9.67 / 14.69 (no split). In views of 2048 they lose (prefix 1024 /
+    # 1900: N = 64 16.4 / 22.2 -> 20.1 / 31.9 us), so those keep the configs below.
+    tiny = short and view_len <= _TINY_VIEW
+    if tiny and m <= 64:
+        return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2, waves=1, fill="floor", min_tiles=2,
+                    tree_split="first", combine="kernel", pdl=False)
+    if tiny and m <= 256:
+        return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3, **dict(legacy, max_splits=2 if m <= 128 else 1))
     if m <= 64:
         return dict(BLOCK_M=32 if m <= 32 else 64, BLOCK_N=32, num_warps=4, num_stages=2 if short else 3, **legacy)
     if 128 < m <= 256 and short:  # (M = 128, N = 32: 1.2-1.4x slower this way; it keeps the split below)
@@ -343,6 +357,7 @@ def pick_config(n_q: int, group: int, head_dim: int, dtype: torch.dtype, view_le
 
 
 _SHORT_VIEW = 2048  # host views up to this many key slots get the short-view configs of pick_config
+_TINY_VIEW = 1024  # ... and up to this many, the 16-row query blocks for trees
 _SAFE_CONFIG = dict(BLOCK_N=32, num_stages=2)  # fallback when a GPU has less shared memory
 _OUT_OF_RESOURCES: set = set()  # launch configs that did not fit, per device / dtype / shape class
 _NO_PDL: set = set()  # devices where a programmatic-dependent launch failed: plain launches there
