@@ -246,15 +246,15 @@ def default_config(M: int, N: int, K: int, bits: int, group_size: int | None = N
     G = group_size if bits == 4 else 1 << 30
     kp2 = 1 << max(4, (K - 1).bit_length())  # K rounded up to a power of two
     if M <= 2:
-        lo = 2 if bits == 8 else 1
-        hi = 16 if bits == 8 else 8
-        bn = min(hi, max(lo, 1 << max(0, (N // 1024).bit_length() - 1)))
+        if bits == 4:  # 4 rows x 2048 elements (16 groups of 128) per tile, the [BN, NG, HG] path; the H200
+            # probe's best launch on all four 8B shapes (notes/issue4_quantized.md, eighth session)
+            return QuantConfig(gemv=True, block_n=4, block_k=max(G, min(2048, max(256, kp2))), split_k=1,
+                               num_warps=4, num_stages=3)
+        bn = min(16, max(2, 1 << max(0, (N // 1024).bit_length() - 1)))
         bk = min(2048, max(256, 4096 // bn), max(256, kp2))
-        if bits == 4:
-            bk = max(bk, G)  # whole groups per tile
-        warps = 8 if (bits == 8 and bk >= 2048) or (bits == 4 and bn * bk >= 8192) else 4
+        warps = 8 if bk >= 2048 else 4
         return QuantConfig(gemv=True, block_n=bn, block_k=bk, split_k=1, num_warps=warps, num_stages=3,
-                           prefetch=bits == 4 or bn >= 8)
+                           prefetch=bn >= 8)
     bk = 128 if bits == 8 else min(128, G)
     asm = bits == 4
     if M <= 16:
@@ -434,28 +434,43 @@ if _HAS_TRITON:
         p_next = _w_first(w_ptr, offs_n, mask_n, b_lo, b_end, stride_wn, BLOCK_N, BLOCK_KB, OTHER, EVICT, PREFETCH)
         for i in range(0, kb_per_split, BLOCK_KB):
             b0 = b_lo + i
-            offs_b = b0 + tl.arange(0, BLOCK_KB)  # [BKB] byte columns
-            wmask = mask_n[:, None] & (offs_b < b_end)[None, :]
-            p, p_next = _w_step(p_next, w_ptr, offs_n, mask_n, offs_b, b_end, stride_wn, BLOCK_KB, OTHER, EVICT,
-                                PREFETCH)  # [BN, BKB]
-            if BITS == 8:
-                xv = tl.load(x_row + offs_b, mask=offs_b < K, other=0.0).to(tl.float32)  # [BKB]
-                acc2 += _int8_value(p, MAGIC) * xv[None, :]
+            if BITS == 4 and BLOCK_KB > HG:
+                # several whole groups per tile, read as [BN, NG, HG] bytes: each group's low and high
+                # nibbles meet two contiguous runs of x, and the per-group sums need no reshape
+                # (H200, M = 1, 8B shapes: 10-17 % faster than the 2-D tile summed through a
+                # reshape, which made Triton convert layouts; notes/issue4_quantized.md)
+                g = b0 // HG + tl.arange(0, ACC_W)  # [NG] groups of this tile
+                g_ok = g * HG < b_end
+                o = tl.arange(0, HG)  # [HG] byte within the group
+                wp = w_ptr + offs_n[:, None, None] * stride_wn + (g * HG)[None, :, None] + o[None, None, :]
+                wm = mask_n[:, None, None] & g_ok[None, :, None]
+                if EVICT:
+                    p3 = tl.load(wp, mask=wm, other=OTHER, eviction_policy="evict_first")  # [BN, NG, HG]
+                else:
+                    p3 = tl.load(wp, mask=wm, other=OTHER)
+                e = (g * GROUP)[:, None] + o[None, :]  # [NG, HG] element of each low nibble
+                xl = tl.load(x_row + e, mask=e < K, other=0.0).to(tl.float32)
+                xh = tl.load(x_row + e + HG, mask=e + HG < K, other=0.0).to(tl.float32)
+                lo, hi = _int4_pair(p3, MAGIC)
+                part = tl.sum(lo * xl[None, :, :] + hi * xh[None, :, :], axis=2)  # [BN, NG]
+                s = tl.load(s_ptr + g[None, :] * N + offs_n[:, None], mask=mask_n[:, None] & (g < KB // HG)[None, :],
+                            other=0.0)  # [BN, NG]
+                acc2 += part * s
             else:
-                e_lo = (offs_b // HG) * GROUP + offs_b % HG  # [BKB] element of each low nibble
-                xl = tl.load(x_row + e_lo, mask=e_lo < K, other=0.0).to(tl.float32)
-                xh = tl.load(x_row + e_lo + HG, mask=e_lo + HG < K, other=0.0).to(tl.float32)
-                lo, hi = _int4_pair(p, MAGIC)
-                prod = lo * xl[None, :] + hi * xh[None, :]  # [BN, BKB]
-                if BLOCK_KB <= HG:  # the tile lies in one group: one scale per row
+                offs_b = b0 + tl.arange(0, BLOCK_KB)  # [BKB] byte columns
+                p, p_next = _w_step(p_next, w_ptr, offs_n, mask_n, offs_b, b_end, stride_wn, BLOCK_KB, OTHER, EVICT,
+                                    PREFETCH)  # [BN, BKB]
+                if BITS == 8:
+                    xv = tl.load(x_row + offs_b, mask=offs_b < K, other=0.0).to(tl.float32)  # [BKB]
+                    acc2 += _int8_value(p, MAGIC) * xv[None, :]
+                else:  # the tile lies in one group: one scale per row
+                    e_lo = (offs_b // HG) * GROUP + offs_b % HG  # [BKB] element of each low nibble
+                    xl = tl.load(x_row + e_lo, mask=e_lo < K, other=0.0).to(tl.float32)
+                    xh = tl.load(x_row + e_lo + HG, mask=e_lo + HG < K, other=0.0).to(tl.float32)
+                    lo, hi = _int4_pair(p, MAGIC)
+                    prod = lo * xl[None, :] + hi * xh[None, :]  # [BN, BKB]
                     s = tl.load(s_ptr + tl.minimum(b0 // HG, KB // HG - 1) * N + offs_n, mask=mask_n, other=0.0)  # tiles past KB (all-zero products): any finite scale
                     acc2 += prod * s[:, None]
-                else:  # several groups per tile: sum each group's run, then one scale per (row, group)
-                    part = tl.sum(tl.reshape(prod, [BLOCK_N, ACC_W, HG]), axis=2)  # [BN, NG]
-                    g = b0 // HG + tl.arange(0, ACC_W)  # [NG] groups of this tile
-                    s = tl.load(s_ptr + g[None, :] * N + offs_n[:, None], mask=mask_n[:, None] & (g < KB // HG)[None, :],
-                                other=0.0)  # [BN, NG]
-                    acc2 += part * s
         acc = tl.sum(acc2, axis=1)  # [BN]
         if BITS == 8:
             acc *= tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
@@ -638,7 +653,8 @@ def _launch(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, K: int, group
         _qgemv_kernel[grid](
             x, qweight, scales, y, ws, ws.view(torch.int32) if split > 1 else ws, cnt, N, K, KB, kb_per_split, x.stride(0), qweight.stride(0), y.stride(0),
             BITS=bits, GROUP=G, BLOCK_N=cfg.block_n, BLOCK_KB=bkb, SPLIT=split, MAGIC=cfg.magic,
-            EVICT=cfg.evict_first, PREFETCH=cfg.prefetch, ACC_W=bkb // (G // 2) if bits == 4 and bkb > G // 2 else bkb,
+            EVICT=cfg.evict_first, PREFETCH=cfg.prefetch and not (bits == 4 and bkb > G // 2),
+            ACC_W=bkb // (G // 2) if bits == 4 and bkb > G // 2 else bkb,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:
