@@ -297,6 +297,13 @@ class CUDAGraphRunner:
             if b.root_only and not b.masks:  # one node, fixed parents: constant masks, computed once
                 b.masks = self._tree_masks(TokenTree(tokens=b.tokens, parents=b.parents, valid=b.valid))
             tree.__dict__.update(b.masks if b.root_only else self._tree_masks(tree))
+            if not b.root_only:  # one dynamic graph for the tree sizes from the first tree bucket on
+                # (else the first tree bucket compiles for its exact size and the next one again)
+                for t in (tree.tokens, tree.parents, tree.valid, tree.depths):
+                    torch._dynamo.maybe_mark_dynamic(t, 1)
+                for t in (tree.ancestor_mask, getattr(tree, "packed_ancestor_mask", None)):
+                    if t is not None:
+                        torch._dynamo.maybe_mark_dynamic(t, 1)
         target, step = self._target(), self._step or self.step_fn
         if self._forward is not None:
             target = _CompiledCall(target, self._forward)

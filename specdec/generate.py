@@ -168,7 +168,9 @@ def verify_step(
     # 5a. append on device: accepted drafts then the bonus
     P = res.path.shape[1]
     ar = torch.arange(P, device=sequences.device)
-    nxt = torch.cat([res.path[:, 1:], res.path.new_full((B, 1), -1)], 1)  # node after each path entry
+    # node after each path entry (sliced after the cat: a [B, P - 1] slice would be [B, 1] for the
+    # two-node bucket, and dynamo would compile that bucket for its exact size)
+    nxt = torch.cat([res.path, res.path.new_full((B, 1), -1)], 1)[:, 1:]  # [B, P]
     new = tree.tokens.gather(1, nxt.clamp(min=0))  # [B, P]
     new = torch.where(ar.unsqueeze(0) == (res.path_len - 1).unsqueeze(1), res.bonus.unsqueeze(1), new)
     idx = (seq_lens.unsqueeze(1) + ar.unsqueeze(0)).clamp(max=sequences.shape[1] - 1)

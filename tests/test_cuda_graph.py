@@ -304,6 +304,28 @@ def test_runner_compiled_step_matches_eager_cpu():
     assert forward_only._step is None and forward_only._forward is not None
 
 
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="Inductor on CPU needs a C compiler")
+def test_compiled_step_one_graph_for_every_tree_bucket():
+    """The whole-step compile traces the one-node step once and every tree bucket (2, 4, 8 nodes)
+    once, as one dynamic graph (the first tree bucket is marked dynamic; no size-1 slice of the
+    accepted path specializes the two-node bucket), and still commits the eager loop's tokens."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("llama", seed=3)
+    prompt = _prompt(seed=5)
+    ref = specdec.generate(model, prompt, max_new_tokens=NEW, cuda_graphs=False)
+    torch._dynamo.reset()
+    counters.clear()
+    runner = CUDAGraphRunner(model, SDPAVerifier(), verify_step, 1, 256, buckets=(1, 2, 4, 8), capture=False, compile=True)
+    for drafter, budget in ((None, 1), (Replay(ref.new_tokens[0], 0.5, seed=2), 1),
+                            (Replay(ref.new_tokens[0], 0.5, seed=2), 3), (Replay(ref.new_tokens[0], 0.5, seed=2), 7)):
+        out = specdec.generate(model, prompt, drafter=drafter, max_new_tokens=NEW, budget=budget, verifier=SDPAVerifier(),
+                               cuda_graphs=runner)
+        assert out.new_tokens == ref.new_tokens
+    assert {n for (n, _), b in runner._buckets.items() if b.replays} == {1, 2, 4, 8}
+    assert counters["stats"]["unique_graphs"] == 2
+
+
 def test_compiled_forward_is_one_function_per_setting():
     """Inductor options as a dict: equal dicts share one compiled function, other settings do not."""
     from specdec.cuda_graph import compiled_forward
