@@ -44,6 +44,7 @@ VARIANTS = {
     "freeze": {"freezing": True},
     "autotune": {"max_autotune": True, "max_autotune_gemm_backends": "ATEN,TRITON"},
     "freeze+autotune": {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "ATEN,TRITON"},
+    "cdt": {"coordinate_descent_tuning": True},  # Inductor tunes its own pointwise / reduction launches
 }
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
