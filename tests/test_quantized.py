@@ -107,6 +107,8 @@ GEMM = [QuantConfig(gemv=False, block_m=16, block_n=32, block_k=32, split_k=2), 
         QuantConfig(gemv=False, block_m=16, block_n=16, block_k=64, swap=True, evict_first=False),
         QuantConfig(gemv=False, block_m=16, block_n=32, block_k=32, split_k=2, swap=True, prefetch=True, asm=True)]
 # (asm=True runs the fp32-conversion path here: inline PTX needs a GPU; the GPU bench checks it)
+HALF = [QuantConfig(gemv=True, block_n=4, block_k=128, half=True),  # int4, fp16/bf16: 16-bit group sums
+        QuantConfig(gemv=True, block_n=8, block_k=64, split_k=2, half=True)]
 SKINNY = [QuantConfig(gemv=False, block_n=32, block_k=64, split_k=3, skinny=True),  # fp16/bf16, 2..64 rows
           QuantConfig(gemv=False, block_n=16, block_k=32, num_stages=2, skinny=True, asm=True)]  # (int4: a group per step)
 
@@ -124,9 +126,11 @@ def test_kernels_match_reference(bits, M):
         x = torch.randn(M, K, generator=g).to(dtype)
         ref = quant_matmul_ref(x, q, s, bits, K, G).float()
         skinny = M >= 2 and dtype == torch.float16
-        # the default for these (N <= K) is the skinny kernel
+        # the default for these (N <= K) is the skinny kernel; int4 one-row GEMVs sum in 16 bits
         assert default_config(M, N, K, bits, G, dtype=dtype).skinny == (skinny and M > 2)
-        for cfg in configs + (SKINNY if skinny else []):
+        assert default_config(M, N, K, bits, G, dtype=dtype).half == (bits == 4 and M <= 2 and dtype == torch.float16)
+        half = HALF if bits == 4 and M <= 4 and dtype == torch.float16 else []
+        for cfg in configs + (SKINNY if skinny else []) + half:
             y = quant_matmul(x, q, s, bits, G, cfg)
             assert y.shape == (M, N) and y.dtype == dtype
             rel = ((y.float() - ref).norm() / ref.norm()).item()
@@ -143,6 +147,31 @@ def test_kernels_match_reference(bits, M):
         assert all((cnt == 0).all() for _, cnt in SKINNY_WS.values())  # its split-K counters too
         with pytest.raises(ValueError, match="skinny"):  # fp32 activations: not this kernel
             quant_matmul(x.float(), q, s, bits, G, SKINNY[0])
+    if bits == 4:
+        with pytest.raises(ValueError, match="half"):  # 16-bit sums need 16-bit activations
+            quant_matmul(x.float(), q, s, bits, G, HALF[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="bf16 elementwise math and the inline PTX "
+                    "need a GPU (the interpreter does not emulate bf16 arithmetic)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_gemv_matches_reference_cuda(dtype):
+    """int4 one/two-row GEMV with 16-bit products and group sums (the default for 16-bit activations),
+    fresh random inputs, ragged N and K: within a few roundings of x's dtype of the fp32 reference
+    (bf16 keeps 8 mantissa bits: unit roundoff 2^-9 = 2e-3 per product and per partial sum)."""
+    g = torch.Generator().manual_seed(11)
+    for N, K, G in ((45, 197, 32), (1000, 1500, 128), (4096, 4096, 128)):
+        w = torch.randn(N, K, generator=g) * 0.05
+        q, s = (t.cuda() for t in quantize_int4(w, G))
+        for M in (1, 2):
+            x = torch.randn(M, K, generator=g).to("cuda", dtype)
+            ref = quant_matmul_ref(x, q, s, 4, K, G).float()
+            cfg = default_config(M, N, K, 4, G, dtype=dtype)
+            assert cfg.half
+            for c in (cfg, *HALF):
+                y = quant_matmul(x, q, s, 4, G, c)
+                rel = ((y.float() - ref).norm() / ref.norm()).item()
+                assert rel < (1e-2 if dtype == torch.bfloat16 else 2e-3), (N, K, M, c, rel)
 
 
 @pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1")

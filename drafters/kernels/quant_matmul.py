@@ -197,6 +197,8 @@ class QuantConfig:
     prefetch: bool = False  # load the next weight tile before using the current one (register double buffer)
     asm: bool = False  # tensor-core int4: nibbles -> packed bf16/fp16 pairs with inline PTX (GPU, 16-bit x only)
     skinny: bool = False  # 2 < M <= 64, fp16/bf16 x: the skinny-GEMM layout (block_n, split_k; int8 also block_k)
+    half: bool = False  # int4 GEMV, fp16/bf16 x, tiles of whole groups: 16-bit products and group sums
+    # (nibbles widened with the inline PTX of ``asm`` on CUDA; fp32 across groups; error ~ x's rounding)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -246,10 +248,17 @@ def default_config(M: int, N: int, K: int, bits: int, group_size: int | None = N
     G = group_size if bits == 4 else 1 << 30
     kp2 = 1 << max(4, (K - 1).bit_length())  # K rounded up to a power of two
     if M <= 2:
-        if bits == 4:  # 4 rows x 2048 elements (16 groups of 128) per tile, the [BN, NG, HG] path; the H200
-            # probe's best launch on all four 8B shapes (notes/issue4_quantized.md, eighth session)
-            return QuantConfig(gemv=True, block_n=4, block_k=max(G, min(2048, max(256, kp2))), split_k=1,
-                               num_warps=4, num_stages=3)
+        if bits == 4:  # tiles of whole groups, the [BN, NG, HG] path; with fp16 / bf16 activations the
+            # products and group sums in 16 bits (H200 probe of the eighth session, notes/issue4_quantized.md:
+            # 4 rows x 2048 elements on 4 warps overall, 8 warps for narrow layers, 8 rows x 1024 for wide ones)
+            half = dtype in (torch.float16, torch.bfloat16)
+            bn, bk, warps = 4, 2048, 4
+            if half and N <= 2048:
+                warps = 8
+            elif half and N > 8192:
+                bn, bk = 8, 1024
+            return QuantConfig(gemv=True, block_n=bn, block_k=max(G, min(bk, max(256, kp2))), split_k=1,
+                               num_warps=warps, num_stages=3, half=half)
         bn = min(16, max(2, 1 << max(0, (N // 1024).bit_length() - 1)))
         bk = min(2048, max(256, 4096 // bn), max(256, kp2))
         warps = 8 if bk >= 2048 else 4
@@ -417,6 +426,7 @@ if _HAS_TRITON:
         BITS: tl.constexpr, GROUP: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, SPLIT: tl.constexpr, MAGIC: tl.constexpr,
         EVICT: tl.constexpr, PREFETCH: tl.constexpr, ACC_W: tl.constexpr,
+        HALF: tl.constexpr = False, ASM: tl.constexpr = False,
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -449,10 +459,18 @@ if _HAS_TRITON:
                 else:
                     p3 = tl.load(wp, mask=wm, other=OTHER)
                 e = (g * GROUP)[:, None] + o[None, :]  # [NG, HG] element of each low nibble
-                xl = tl.load(x_row + e, mask=e < K, other=0.0).to(tl.float32)
-                xh = tl.load(x_row + e + HG, mask=e + HG < K, other=0.0).to(tl.float32)
-                lo, hi = _int4_pair(p3, MAGIC)
-                part = tl.sum(lo * xl[None, :, :] + hi * xh[None, :, :], axis=2)  # [BN, NG]
+                xl = tl.load(x_row + e, mask=e < K, other=0.0)
+                xh = tl.load(x_row + e + HG, mask=e + HG < K, other=0.0)
+                if HALF:  # 16-bit products and group sums (x's dtype), fp32 across groups
+                    if ASM:
+                        lo, hi = _int4_pair_16(p3, xl.dtype == tl.bfloat16)
+                    else:  # (interpreter) the same exact small integers, converted from fp32
+                        lo, hi = _int4_pair(p3, MAGIC)
+                        lo, hi = lo.to(xl.dtype), hi.to(xl.dtype)
+                    part = tl.sum(lo * xl[None, :, :] + hi * xh[None, :, :], axis=2).to(tl.float32)  # [BN, NG]
+                else:
+                    lo, hi = _int4_pair(p3, MAGIC)
+                    part = tl.sum(lo * xl.to(tl.float32)[None, :, :] + hi * xh.to(tl.float32)[None, :, :], axis=2)
                 s = tl.load(s_ptr + g[None, :] * N + offs_n[:, None], mask=mask_n[:, None] & (g < KB // HG)[None, :],
                             other=0.0)  # [BN, NG]
                 acc2 += part * s
@@ -645,6 +663,9 @@ def _launch(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, K: int, group
     # inline PTX needs a real GPU (not the interpreter) and 16-bit activations
     use_asm = (cfg.asm and bits == 4 and x.is_cuda and x.dtype != torch.float32
                and os.environ.get("TRITON_INTERPRET") != "1")
+    half = cfg.half and bits == 4 and x.dtype in (torch.float16, torch.bfloat16)
+    if cfg.half and bits == 4 and cfg.gemv and not half:
+        raise ValueError("QuantConfig(half=True) takes fp16 / bf16 activations")
     if split > 1:
         ws, cnt = _split_workspace(x.device, M * N, grid[0] * grid[1] * (M if cfg.gemv else 1))
     else:
@@ -655,6 +676,7 @@ def _launch(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, K: int, group
             BITS=bits, GROUP=G, BLOCK_N=cfg.block_n, BLOCK_KB=bkb, SPLIT=split, MAGIC=cfg.magic,
             EVICT=cfg.evict_first, PREFETCH=cfg.prefetch and not (bits == 4 and bkb > G // 2),
             ACC_W=bkb // (G // 2) if bits == 4 and bkb > G // 2 else bkb,
+            HALF=half, ASM=half and x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1",
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:
