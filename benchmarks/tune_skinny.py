@@ -7,7 +7,11 @@ config is checked against ``F.linear`` before it is timed. Prints, per shape and
 cuBLASLt and the five fastest configs; ``SKINNY_CONFIGS`` was chosen from this table
 (``notes/issue6_h200_s6_skinny_probe2.txt``).
 
-usage: python -m benchmarks.tune_skinny [--ms 2,4,8,16,32,64] [--budget-s 470] [--out DIR]
+``--fp32``: SmolLM2-135M's fp32 shapes instead (q+k+v, gate+up as grouped launches), the 3xTF32
+launch shapes (``F32``) against cuBLAS / transposed / cuBLASLt, with each one's largest error
+against the fp64 product next to cuBLAS's (the fp32 ``SKINNY_CONFIGS`` came from this sweep).
+
+usage: python -m benchmarks.tune_skinny [--ms 2,4,8,16,32,64] [--budget-s 470] [--out DIR] [--fp32]
 """
 
 from __future__ import annotations
@@ -44,14 +48,68 @@ def graph_time_us(fn, w, reps: int = 16, trials: int = 5) -> float:
     return replay_us(g, reps, trials)
 
 
+SMOLLM2_FP32 = {"q+k+v": [(576, 576), (192, 576), (192, 576)], "o": [(576, 576)], "gate+up": [(1536, 576)] * 2,
+                "down": [(576, 1536)], "head": [(49152, 576)]}  # name -> [(N, K)] of one launch
+
+
+def sweep_fp32(ms: list[int], budget_s: float) -> dict:
+    """The fp32 (3xTF32) grid at SmolLM2-135M's shapes; error relative to the output's largest value."""
+    from specdec.kernels.skinny import skinny_group
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    t0, res, dev = time.time(), {}, torch.device("cuda")
+    cfgs = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=ns, SPLIT_K=sk, F32=True)
+            for bn, bk, ns, sk in itertools.product((16, 32, 64), (32, 64), (2, 3), (1, 2, 4))]
+    torch.manual_seed(0)
+    for name, shapes in SMOLLM2_FP32.items():
+        ws = [torch.randn(n, k, device=dev) / math.sqrt(k) for n, k in shapes]
+        flat = torch.cat([w.reshape(-1) for w in ws])  # one tensor to copy: graph_time_us rotates copies of it
+        views = lambda c: [t.view(n, k) for t, (n, k) in zip(c.split([n * k for n, k in shapes]), shapes)]
+        for M in ms:
+            if time.time() - t0 > budget_s:
+                return res
+            x = torch.randn(M, shapes[0][1], device=dev)
+            refs = [x.double() @ w.double().T for w in ws]
+            scale = max(r.abs().max().item() for r in refs)
+            err = lambda outs: max((o.double() - r).abs().max().item() for o, r in zip(outs, refs)) / scale
+            row = {"err linear": err([F.linear(x, w) for w in ws]),
+                   "linear": graph_time_us(lambda c: [F.linear(x, w) for w in views(c)], flat),
+                   "transposed": graph_time_us(lambda c: [torch.mm(w, x.t()).t().contiguous() for w in views(c)], flat)}
+            prev = torch.backends.cuda.preferred_blas_library()
+            torch.backends.cuda.preferred_blas_library("cublaslt")
+            row["cublaslt"] = graph_time_us(lambda c: [F.linear(x, w) for w in views(c)], flat)
+            torch.backends.cuda.preferred_blas_library(prev)
+            for cfg in cfgs:
+                key = "{BLOCK_N}x{BLOCK_K}/{num_stages}s/k{SPLIT_K}".format(**cfg)
+                try:
+                    row["err " + key] = err(skinny_group(x, ws, None, cfg))
+                    row[key] = graph_time_us(lambda c: skinny_group(x, views(c), None, cfg), flat)
+                except Exception as e:
+                    row[key] = f"ERR {type(e).__name__}"
+            res[f"{name} M={M}"] = row
+            cub = min(row["linear"], row["transposed"], row["cublaslt"])
+            num = sorted(((k, v) for k, v in row.items() if isinstance(v, float) and "x" in k and not k.startswith("err")),
+                         key=lambda kv: kv[1])
+            print(f"{name:8s} M={M:3d} cuBLAS best {cub:7.2f} us (err {row['err linear']:.1e}) | 3xTF32 best "
+                  + ", ".join(f"{k} {v:.2f} ({cub / v:.2f}x, err {row['err ' + k]:.1e})" for k, v in num[:3])
+                  + f"  [{time.time() - t0:.0f}s]", flush=True)
+    return res
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ms", default="2,4,8,16,32,64")
     ap.add_argument("--budget-s", type=float, default=470.0, help="stop sweeping after this many seconds")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "results/tune_skinny")))
+    ap.add_argument("--fp32", action="store_true", help="SmolLM2-135M fp32 shapes, 3xTF32 launch shapes")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("tune_skinny times CUDA kernels: run it on a GPU machine")
+    if args.fp32:
+        res = sweep_fp32([int(m) for m in args.ms.split(",")], args.budget_s)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "tune_skinny_fp32.json").write_text(json.dumps(res, indent=1))
+        return
     from specdec.kernels.skinny import skinny_linear
 
     t0 = time.time()

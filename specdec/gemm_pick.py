@@ -13,11 +13,14 @@ with each formulation that applies, and the fastest is used from then on:
     2      ``F.linear`` with cuBLASLt preferred (``torch.backends.cuda.preferred_blas_library``)
     3, …   the Triton GEMV of :mod:`specdec.kernels.gemv`, one launch shape each (one row only)
     …      the Triton skinny GEMM of :mod:`specdec.kernels.skinny`, one launch shape each (2-64 rows,
-           bf16 / fp16; tensor cores, no separate split-K reduce launch)
+           bf16 / fp16, and fp32 in 3xTF32; tensor cores, no separate split-K reduce launch)
 
-All accumulate in fp32 (IEEE for fp32 inputs; TF32 follows ``torch.backends.cuda.matmul
-.allow_tf32`` as usual) and differ only in summation order, as cuBLAS's kernels already do from one
-``M`` to the next, so greedy equality with autoregressive decoding is unaffected (tested).
+All accumulate in fp32 and differ only in summation order, as cuBLAS's kernels already do from one
+``M`` to the next, so greedy equality with autoregressive decoding is unaffected (tested). fp32
+inputs: cuBLAS and the GEMV multiply in IEEE fp32 (TF32 follows ``torch.backends.cuda.matmul
+.allow_tf32`` as usual); the skinny GEMM's fp32 launch shapes use 3xTF32 products, whose error was
+measured at or below cuBLAS fp32's (:mod:`specdec.kernels.skinny`; ``skinny.FP32_TF32X3 = False``
+leaves fp32 to cuBLAS).
 
 How it is wired: :class:`GemmPicker.mode` is a ``TorchFunctionMode`` that the CUDA-graph runner
 holds around the target's forward. It sends every CUDA ``F.linear`` of a float dtype to the custom
@@ -76,7 +79,8 @@ GEMV_FORMULATIONS = range(_N_CUBLAS, _N_CUBLAS + _N_GEMV)  # indices of the GEMV
 SKINNY_FORMULATIONS = range(_N_CUBLAS + _N_GEMV, _N_CUBLAS + _N_GEMV + len(_skinny_configs()))
 FORMULATIONS = ("linear", "transposed", "cublaslt") + tuple(
     "gemv {BLOCK_N}x{BLOCK_K}/{num_warps}w".format(**c) for c in _gemv_configs()) + tuple(
-    "skinny {BLOCK_N}x{BLOCK_K}/{num_stages}s/k{SPLIT_K}".format(**c) for c in _skinny_configs())
+    ("skinny-tf32x3 " if c.get("F32") else "skinny ") + "{BLOCK_N}x{BLOCK_K}/{num_stages}s/k{SPLIT_K}".format(**c)
+    for c in _skinny_configs())
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MIN_GAIN = 0.97  # switch away from ``F.linear`` only when another formulation takes < 97 % of its time
 
@@ -92,7 +96,7 @@ def applies(formulation: int, x: Tensor, weight: Tensor) -> bool:
         return x.numel() == x.shape[-1]
     from .kernels.skinny import skinny_applies
 
-    return skinny_applies(x, weight)
+    return skinny_applies(x, weight, _skinny_configs()[formulation - _N_CUBLAS - _N_GEMV])
 
 
 def linear_as(x: Tensor, weight: Tensor, bias: Tensor | None, formulation: int) -> Tensor:

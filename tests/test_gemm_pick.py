@@ -46,7 +46,10 @@ def test_formulations_compute_the_same_linear(with_bias):
         y = linear_as(x, w, b, f)
         assert y.shape == (2, 7, 19) and y.is_contiguous()
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
-    assert not any(applies(f, x, w) for f in range(3, _N))  # the GEMV takes one row only
+    assert not any(applies(f, x, w) for f in GEMV_FORMULATIONS)  # the GEMV takes one row only
+    # 14 fp32 rows: the skinny GEMM's 3xTF32 launch shapes, where Triton runs (CUDA, or the interpreter)
+    triton_here = x.is_cuda or _INTERP
+    assert [applies(f, x, w) for f in SKINNY_FORMULATIONS] == [triton_here and _f32(f) for f in SKINNY_FORMULATIONS]
     before = torch.backends.cuda.preferred_blas_library()
     linear_as(x, w, b, 2)
     assert torch.backends.cuda.preferred_blas_library() == before  # the global preference is restored
@@ -72,9 +75,22 @@ def test_gemv_matches_reference(dtype, N, K, with_bias):
     assert not any(applies(f, x, w) for f in SKINNY_FORMULATIONS)  # 2 rows or more
 
 
-_SKINNY_CASES = [(dt, dev) for dev, dts in (("cpu", [torch.float16] if _INTERP else []),
-                                             ("cuda", [torch.float16, torch.bfloat16] if torch.cuda.is_available() else []))
-                 for dt in dts]  # (on CPU fp16 only: the interpreter's ``tl.dot`` mishandles bf16 operands)
+_SKINNY_CASES = [(dt, dev) for dev, dts in (("cpu", [torch.float16, torch.float32] if _INTERP else []),
+                                             ("cuda", [torch.float16, torch.bfloat16, torch.float32]
+                                              if torch.cuda.is_available() else []))
+                 for dt in dts]  # (on CPU no bf16: the interpreter's ``tl.dot`` mishandles bf16 operands)
+
+
+def _f32(f: int) -> bool:
+    """Is skinny formulation ``f`` one of the fp32 (3xTF32) launch shapes?"""
+    from specdec.kernels.skinny import SKINNY_CONFIGS
+
+    return bool(SKINNY_CONFIGS[f - SKINNY_FORMULATIONS[0]].get("F32", False))
+
+
+def _skinny_for(dtype: torch.dtype) -> list[int]:
+    """The skinny formulations (launch shapes) for ``dtype``."""
+    return [f for f in SKINNY_FORMULATIONS if _f32(f) == (dtype == torch.float32)]
 
 
 @pytest.mark.skipif(not _SKINNY_CASES, reason="the Triton skinny GEMM needs CUDA or TRITON_INTERPRET=1")
@@ -84,22 +100,56 @@ def test_skinny_matches_reference(M, N, K, with_bias):
     """Every skinny launch shape (split-K ones included) on fresh random inputs, M, N and K not
     multiples of the blocks; each called twice, so a split-K counter left dirty would show."""
     g = torch.Generator().manual_seed(M * N * K)
-    assert len(SKINNY_FORMULATIONS) > 0
     for dtype, dev in _SKINNY_CASES:
+        assert _skinny_for(dtype)
         w = torch.randn(N, K, generator=g).to(dev, dtype)
         b = torch.randn(N, generator=g).to(dev, dtype) if with_bias else None
-        for f in SKINNY_FORMULATIONS:
+        for f in _skinny_for(dtype):
             for _ in range(2):  # fresh inputs for the second call too
                 x = torch.randn(M, K, generator=g).to(dev, dtype)
                 assert applies(f, x, w)
                 ref = x.double() @ w.double().T + (b.double() if with_bias else 0)
                 y = linear_as(x.view(1, M, K), w, b, f)
                 assert y.shape == (1, M, N) and y.dtype == dtype
-                tol = 2e-3 if dtype == torch.float16 else 1.6e-2  # output rounding of |y| ~ sqrt(K)
+                # fp32 (3xTF32 on CUDA): the bound of the fp32 GEMV tests; 16 bits: output rounding of |y| ~ sqrt(K)
+                tol = {torch.float32: 1e-5, torch.float16: 2e-3}.get(dtype, 1.6e-2)
                 torch.testing.assert_close(y[0].double(), ref, rtol=tol, atol=tol * K ** 0.5)
         assert not any(applies(f, x[:1], w) for f in SKINNY_FORMULATIONS)  # one row: the GEMV's
         assert not any(applies(f, torch.randn(65, K).to(dev, dtype), w) for f in SKINNY_FORMULATIONS)
-        assert not any(applies(f, x.float(), w.float()) for f in SKINNY_FORMULATIONS)  # fp32: cuBLAS
+        other = [f for f in SKINNY_FORMULATIONS if f not in _skinny_for(dtype)]
+        assert other and not any(applies(f, x, w) for f in other)  # launch shapes of the other dtype class
+
+
+@pytest.mark.skipif(not (_INTERP or torch.cuda.is_available()), reason="the Triton skinny GEMM needs CUDA or TRITON_INTERPRET=1")
+def test_fp32_skinny_can_be_switched_off(monkeypatch):
+    """``skinny.FP32_TF32X3 = False``: fp32 linears stay on cuBLAS (no skinny formulation applies)."""
+    from specdec.kernels import skinny
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x, w = torch.randn(8, 40, device=dev), torch.randn(24, 40, device=dev)
+    assert any(applies(f, x, w) for f in SKINNY_FORMULATIONS)
+    monkeypatch.setattr(skinny, "FP32_TF32X3", False)
+    assert not any(applies(f, x, w) for f in SKINNY_FORMULATIONS)
+    with pytest.raises(ValueError, match="FP32_TF32X3"):
+        skinny.skinny_linear(x, w)
+    assert any(applies(f, x.half(), w.half()) for f in SKINNY_FORMULATIONS)  # 16 bits: unchanged
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="3xTF32 products need a GPU (the interpreter multiplies in fp32)")
+@pytest.mark.parametrize("M, N, K", [(16, 576 + 192 + 192, 576), (64, 1536, 576), (5, 576, 1536), (16, 4099, 333)])
+def test_fp32_skinny_error_at_most_cublas_cuda(M, N, K):
+    """Every fp32 (3xTF32) launch shape: its largest error against the fp64 product stays within 2x
+    cuBLAS's IEEE fp32 error on the same inputs (plus a hair for ties)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    g = torch.Generator(device="cuda").manual_seed(M + N + K)
+    w = torch.randn(N, K, device="cuda", generator=g) / K ** 0.5
+    x = torch.randn(M, K, device="cuda", generator=g)
+    ref = x.double() @ w.double().T
+    scale = ref.abs().max().item()
+    err_cublas = (F.linear(x, w).double() - ref).abs().max().item() / scale
+    for f in _skinny_for(torch.float32):
+        err = (linear_as(x, w, None, f).double() - ref).abs().max().item() / scale
+        assert err <= 2 * err_cublas + 1e-7, (FORMULATIONS[f], err, err_cublas)
 
 
 def test_choice_follows_timings_with_a_margin():
@@ -218,13 +268,16 @@ def test_runner_with_gemv_matches_eager():
 
 
 @pytest.mark.skipif(not _INTERP, reason="the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
-@pytest.mark.parametrize("skinny", list(SKINNY_FORMULATIONS)[:1] + list(SKINNY_FORMULATIONS)[-1:])
+@pytest.mark.parametrize("skinny", _skinny_for(torch.float16)[:1] + _skinny_for(torch.float16)[-1:]
+                         + _skinny_for(torch.float32)[:1])
 def test_runner_with_skinny_matches_eager(skinny):
-    """fp16 tree steps through the Triton skinny GEMM (forced for every shape of 2+ rows; one
-    whole-K and one split-K launch shape) commit the eager loop's tokens."""
+    """fp16 (and fp32, 3xTF32) tree steps through the Triton skinny GEMM (forced for every shape of
+    2+ rows; whole-K and split-K launch shapes) commit the eager loop's tokens."""
     import copy  # tiny_model is cached: convert a copy, not the model the other tests share
 
-    model = copy.deepcopy(tiny_model("llama", seed=6)).half()
+    model = copy.deepcopy(tiny_model("llama", seed=6))
+    if not _f32(skinny):
+        model = model.half()
     prompt, _, picker = _prompt_and_picker((10.0, 11.0, 12.0) + (float("inf"),) * len(GEMV_FORMULATIONS)
                                            + tuple(1.0 if f == skinny else float("inf") for f in SKINNY_FORMULATIONS))
     ref = specdec.generate(model, prompt, max_new_tokens=24, cuda_graphs=False)
@@ -246,7 +299,8 @@ def test_grouped_launches_match_reference(with_bias):
     every linear of a group of 1-4, with ragged row counts, as the separate reference does."""
     g = torch.Generator().manual_seed(11)
     K, Ns = 197, (45, 3, 70, 16)
-    for dtype, Ms, fs in ((torch.float32, (1,), GEMV_FORMULATIONS), (torch.float16, (2, 16, 64), SKINNY_FORMULATIONS)):
+    for dtype, Ms, fs in ((torch.float32, (1,), GEMV_FORMULATIONS), (torch.float16, (2, 16, 64), _skinny_for(torch.float16)),
+                          (torch.float32, (3, 64), _skinny_for(torch.float32))):
         ws = [(torch.randn(n, K, generator=g) / 8).to(dtype) for n in Ns]
         bs = [torch.randn(n, generator=g).to(dtype) for n in Ns] if with_bias else [None] * len(Ns)
         for M in Ms:

@@ -250,11 +250,12 @@ def default_config(M: int, N: int, K: int, bits: int, group_size: int | None = N
     if M <= 2:
         if bits == 4:  # tiles of whole groups, the [BN, NG, HG] path; with fp16 / bf16 activations the
             # products and group sums in 16 bits (H200 probe of the eighth session, notes/issue4_quantized.md:
-            # 4 rows x 2048 elements on 4 warps overall, 8 warps for narrow layers, 8 rows x 1024 for wide ones)
+            # 4 rows x 2048 elements on 4 warps overall, 8 warps for narrow layers, 8 rows x 1024 for wide ones;
+            # ninth session: narrow layers read whole 4096-element rows, k/v 3.33-3.41 -> 3.03-3.06 µs)
             half = dtype in (torch.float16, torch.bfloat16)
             bn, bk, warps = 4, 2048, 4
             if half and N <= 2048:
-                warps = 8
+                bk, warps = 4096, 8
             elif half and N > 8192:
                 bn, bk = 8, 1024
             return QuantConfig(gemv=True, block_n=bn, block_k=max(G, min(bk, max(256, kp2))), split_k=1,

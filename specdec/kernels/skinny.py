@@ -15,10 +15,22 @@ which every program re-reads, stays in L2. This is the "swap AB" layout that ski
 (e.g. TensorRT-LLM's and vLLM's small-batch GEMMs): the long dimension, the weight rows, takes the
 MMA's M side.
 
+fp32 takes the same kernel with the dots in **3xTF32** (``tl.dot(..., input_precision="tf32x3")``:
+each operand split into a TF32 high part and a TF32 remainder, three tensor-core products
+``hi*hi + hi*lo + lo*hi`` summed in fp32; the scheme of NVIDIA's CUTLASS "3xTF32" fp32 emulation).
+Each product keeps ~21 of fp32's 24 significant bits, and with K-chunked fp32 accumulation the
+result is as close to the fp64 product as cuBLAS's IEEE fp32 GEMM: on an H200 at SmolLM2-135M's
+shapes the largest error relative to the output's scale was 1.7e-7 - 2.7e-7 against cuBLAS's
+1.9e-7 - 1.0e-6, at 1.2 - 3.6x cuBLAS's speed for 16 rows (``notes/issue6.md``, ninth session).
+Plain IEEE fp32 dots run on CUDA cores and lost to cuBLAS (0.4 - 0.8x). Set
+:data:`FP32_TF32X3` to False to keep fp32 linears on cuBLAS.
+
 :mod:`specdec.gemm_pick` times it against cuBLAS per shape and uses it only where it is faster.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -27,10 +39,13 @@ from torch import Tensor
 
 from .gemv import group_args, group_tile
 
-__all__ = ["skinny_linear", "skinny_group", "skinny_applies", "SKINNY_CONFIGS", "SKINNY_MAX_M", "SKINNY_DTYPES"]
+__all__ = ["skinny_linear", "skinny_group", "skinny_applies", "SKINNY_CONFIGS", "SKINNY_MAX_M", "SKINNY_DTYPES",
+           "FP32_TF32X3"]
 
 SKINNY_MAX_M = 64
-SKINNY_DTYPES = (torch.bfloat16, torch.float16)  # fp32 would need IEEE dots on CUDA cores: slower than cuBLAS
+SKINNY_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # fp32: 3xTF32 dots (module docstring)
+# process-wide: may fp32 linears take the 3xTF32 kernel? (False: cuBLAS only; env SPECDEC_FP32_TF32X3=0)
+FP32_TF32X3 = os.environ.get("SPECDEC_FP32_TF32X3", "1") != "0"
 
 # Launch shapes the picker tries: the winners of the H200 probe over Llama-3-8B's bf16 shapes at
 # M = 2..64 (``notes/issue6.md``, sixth session): whole-K 256- and 128-wide steps for the q/o, MLP
@@ -48,6 +63,13 @@ SKINNY_CONFIGS: tuple[dict, ...] = (
     dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4, SPLIT_K=1),
     dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=5, SPLIT_K=2),
     dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4, SPLIT_K=8),
+    # fp32 (3xTF32, ``F32``): the five launch shapes that came within 0.5 % of the best of 36 at every
+    # SmolLM2-135M group (q+k+v, o, gate+up, down, head) at 16 and 64 rows (H200, ninth session)
+    dict(BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3, SPLIT_K=4, F32=True),
+    dict(BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=3, SPLIT_K=4, F32=True),
+    dict(BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3, SPLIT_K=1, F32=True),
+    dict(BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=3, SPLIT_K=4, F32=True),
+    dict(BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=3, SPLIT_K=4, F32=True),
 )
 
 
@@ -65,6 +87,7 @@ def _skinny(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    TF32X3: tl.constexpr = False,
 ):
     # Up to 4 linears of the same x in one launch (``group_tile``: program ``pid`` owns BLOCK_N
     # rows of one of them); y_i is a contiguous [M, N_i]. NUM_GROUPS = 1 is the plain skinny GEMM.
@@ -87,7 +110,10 @@ def _skinny(
         w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
                     eviction_policy="evict_first")  # [BLOCK_N, BLOCK_K]
         x = tl.load(x_rows + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
-        acc = tl.dot(w.to(x.dtype), tl.trans(x), acc)  # [BLOCK_N, BLOCK_M] (int8 weights: exact in 16 bits)
+        if TF32X3:  # fp32: three TF32 tensor-core products per dot, fp32 sums (module docstring)
+            acc = tl.dot(w, tl.trans(x), acc, input_precision="tf32x3")  # [BLOCK_N, BLOCK_M]
+        else:
+            acc = tl.dot(w.to(x.dtype), tl.trans(x), acc)  # [BLOCK_N, BLOCK_M] (int8 weights: exact in 16 bits)
     if HAS_SCALE:  # int8 weights with one scale per output channel: y = (x @ q.T) * s (one linear)
         acc *= tl.load(SCALE + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     store_y(acc, Y, BIAS, WS, CNT, rn, rm, n_ok, m_ok, N, pid, pid_k, HAS_BIAS, BLOCK_N, BLOCK_M, SPLIT_K)
@@ -145,11 +171,23 @@ def workspace(device: torch.device, tiles: int, tile_elems: int, split_k: int) -
     return ws
 
 
-def skinny_applies(x: Tensor, weight: Tensor) -> bool:
-    """Shapes and dtypes :func:`skinny_linear` takes (an int8 weight needs ``scale``)."""
+def skinny_applies(x: Tensor, weight: Tensor, config: dict | None = None) -> bool:
+    """Shapes and dtypes :func:`skinny_linear` takes (an int8 weight needs ``scale``), and with
+    ``config`` whether that launch shape is one for ``x``'s dtype (fp32 shapes have ``F32``)."""
     M = x.numel() // max(x.shape[-1], 1)
+    f32 = x.dtype == torch.float32
+    if f32 and not (FP32_TF32X3 and weight.dtype == torch.float32):
+        return False
+    if config is not None and bool(config.get("F32", False)) != f32:
+        return False
     return (2 <= M <= SKINNY_MAX_M and x.dtype in SKINNY_DTYPES and weight.dtype in (x.dtype, torch.int8)
             and weight.stride(1) == 1)
+
+
+def default_config(dtype: torch.dtype) -> dict:
+    """The first launch shape of :data:`SKINNY_CONFIGS` for ``dtype`` (fp32: an ``F32`` one)."""
+    f32 = dtype == torch.float32
+    return next(c for c in SKINNY_CONFIGS if bool(c.get("F32", False)) == f32)
 
 
 def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, config: dict | None = None,
@@ -157,12 +195,13 @@ def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, config:
     """``x @ weight.T + bias`` for ``2 <= M <= 64`` rows of ``x`` (16-bit dtypes).
 
     Args:
-        x: ``[..., K]``, ``M`` rows in all; bf16 or fp16.
+        x: ``[..., K]``, ``M`` rows in all; bf16, fp16, or fp32 (3xTF32 dots, unless
+            :data:`FP32_TF32X3` is False).
         weight: ``[N, K]`` with contiguous rows (``stride(1) == 1``), the dtype of ``x``, or int8
             with ``scale`` (W8A16: ``x @ (weight * scale[:, None]).T``; the int8 values are widened
             exactly to ``x``'s dtype on chip, the scale applied to the fp32 accumulator).
         bias: optional ``[N]``.
-        config: one of :data:`SKINNY_CONFIGS` (default: the first).
+        config: one of :data:`SKINNY_CONFIGS` for ``x``'s dtype (default: the first such).
         scale: ``[N]`` per-output-channel scales of an int8 ``weight``.
     Returns:
         ``[..., N]`` in ``x``'s dtype (fp32 accumulation).
@@ -171,8 +210,9 @@ def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, config:
     if x.shape[-1] != K:
         raise ValueError(f"skinny_linear: x has {x.shape[-1]} features, weight expects {K}")
     if not skinny_applies(x, weight):
-        raise ValueError(f"skinny_linear takes 2..{SKINNY_MAX_M} rows of bf16/fp16 with contiguous weight "
-                         f"rows; got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}")
+        raise ValueError(f"skinny_linear takes 2..{SKINNY_MAX_M} rows of bf16/fp16 (fp32 with FP32_TF32X3) with "
+                         f"contiguous weight rows; got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} "
+                         f"{weight.dtype}")
     if (weight.dtype == torch.int8) != (scale is not None):
         raise ValueError("skinny_linear: an int8 weight needs its per-channel scale, and only an int8 weight takes one")
     if scale is not None and scale.shape != (N,):
@@ -191,9 +231,11 @@ def skinny_group(x: Tensor, weights: list[Tensor], biases: list[Tensor | None] |
     """
     K = x.shape[-1]
     biases = list(biases) if biases is not None else [None] * len(weights)
-    if any(w.shape[1] != K or not skinny_applies(x, w) or w.stride(0) != weights[0].stride(0)
+    cfg = dict(config or default_config(x.dtype))
+    if any(w.shape[1] != K or not skinny_applies(x, w, cfg) or w.stride(0) != weights[0].stride(0)
            or w.dtype != weights[0].dtype for w in weights):
-        raise ValueError(f"skinny_group takes 2..{SKINNY_MAX_M} rows of bf16/fp16 and [N, {K}] weights of one "
+        raise ValueError(f"skinny_group takes 2..{SKINNY_MAX_M} rows of bf16/fp16 (fp32 with FP32_TF32X3 and an "
+                         f"F32 launch shape) and [N, {K}] weights of one "
                          f"dtype and row stride with contiguous rows; got x {tuple(x.shape)} {x.dtype}, weights "
                          f"{[(tuple(w.shape), w.dtype) for w in weights]}")
     if len(biases) != len(weights) or len({b is None for b in biases}) > 1:
@@ -202,7 +244,6 @@ def skinny_group(x: Tensor, weights: list[Tensor], biases: list[Tensor | None] |
         raise ValueError("skinny_group: biases must have x's dtype")
     if scale is not None and len(weights) != 1:
         raise ValueError("skinny_group: int8 scales take a single weight")
-    cfg = dict(config or SKINNY_CONFIGS[0])
     x2 = x.reshape(-1, K)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
@@ -218,6 +259,7 @@ def skinny_group(x: Tensor, weights: list[Tensor], biases: list[Tensor | None] |
         x2, scale if scale is not None else outs[0], ws, cnt,
         M, K, k_per_split, x2.stride(0), weights[0].stride(0), *args,
         NUM_GROUPS=len(weights), HAS_BIAS=biases[0] is not None, HAS_SCALE=scale is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, TF32X3=x.dtype == torch.float32,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return [y.reshape(*x.shape[:-1], y.shape[1]) for y in outs]
