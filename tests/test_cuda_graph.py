@@ -382,3 +382,29 @@ def test_compiled_graph_replay_matches_eager_cuda(name, compile):
     runner = _RUNNERS[model]
     assert runner.compile == compile and runner.disabled is None
     assert all(b.graph is not None for b in runner._buckets.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="3xTF32 dots need a GPU (the interpreter multiplies in fp32)")
+@pytest.mark.parametrize("N, prefix, L", [(1, 300, 1024), (16, 640, 1024), (32, 1200, 2048)])
+def test_fp32_tf32x3_tree_attention_error_cuda(N, prefix, L):
+    """fp32 tree attention with 3xTF32 dots (the default) stays as close to the fp64 reference as
+    the IEEE-dot kernel does (within 3x its error, plus a hair), SmolLM2-135M's heads."""
+    from specdec.tree import pack_bits
+    from verifiers.kernels import tree_attention
+
+    g = torch.Generator(device="cuda").manual_seed(N + prefix)
+    Hq, Hkv, D = 9, 3, 64
+    q = torch.randn(1, Hq, N, D, device="cuda", generator=g)
+    k = torch.randn(1, Hkv, L, D, device="cuda", generator=g)
+    v = torch.randn(1, Hkv, L, D, device="cuda", generator=g)
+    mask = (torch.rand(N, N, device="cuda", generator=g) < 0.5).tril(-1) | torch.eye(N, dtype=torch.bool, device="cuda")
+    vis = torch.ones(N, prefix + N, dtype=torch.bool, device="cuda")
+    vis[:, prefix:] = mask
+    kk = k[:, :, :prefix + N].double().repeat_interleave(Hq // Hkv, 1)
+    vv = v[:, :, :prefix + N].double().repeat_interleave(Hq // Hkv, 1)
+    ref = ((q.double() @ kk.transpose(-1, -2) * D ** -0.5).masked_fill(~vis, float("-inf")).softmax(-1) @ vv).transpose(1, 2)
+    pl = torch.tensor([prefix], device="cuda")
+    packed = pack_bits(mask[None].contiguous())
+    err = {dot: (tree_attention(q, k, v, pl, packed, N, config={"dot": dot}).double() - ref).abs().max().item()
+           for dot in ("ieee", "tf32x3")}
+    assert err["tf32x3"] <= 3 * err["ieee"] + 2e-7, err  # (plain TF32 would be ~1e-3)

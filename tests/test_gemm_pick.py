@@ -138,7 +138,7 @@ def test_fp32_skinny_can_be_switched_off(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="3xTF32 products need a GPU (the interpreter multiplies in fp32)")
 @pytest.mark.parametrize("M, N, K", [(16, 576 + 192 + 192, 576), (64, 1536, 576), (5, 576, 1536), (16, 4099, 333)])
 def test_fp32_skinny_error_at_most_cublas_cuda(M, N, K):
-    """Every fp32 (3xTF32) launch shape: its largest error against the fp64 product stays within 2x
+    """Every fp32 (3xTF32) launch shape: its largest error against the fp64 product stays within 3x
     cuBLAS's IEEE fp32 error on the same inputs (plus a hair for ties)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     g = torch.Generator(device="cuda").manual_seed(M + N + K)
@@ -149,7 +149,7 @@ def test_fp32_skinny_error_at_most_cublas_cuda(M, N, K):
     err_cublas = (F.linear(x, w).double() - ref).abs().max().item() / scale
     for f in _skinny_for(torch.float32):
         err = (linear_as(x, w, None, f).double() - ref).abs().max().item() / scale
-        assert err <= 2 * err_cublas + 1e-7, (FORMULATIONS[f], err, err_cublas)
+        assert err <= 3 * err_cublas + 2e-7, (FORMULATIONS[f], err, err_cublas)  # (plain TF32: ~1e-3)
 
 
 def test_choice_follows_timings_with_a_margin():

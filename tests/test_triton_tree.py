@@ -294,3 +294,31 @@ def test_out_of_resources_config_falls_back_once(monkeypatch):
         got = ta.tree_attention(q, k, v, pl, tree.packed_ancestor_mask, 4, config=dict(BLOCK_N=128), num_splits=1)
         torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
     assert tried == [128, 32, 32]
+
+
+@pytest.mark.parametrize("dot", ["ieee", "tf32x3"])
+def test_fp32_dot_choice_matches_sdpa(dot):
+    """fp32 takes IEEE or 3xTF32 dots (``config["dot"]``; the interpreter multiplies in fp32 either
+    way, so this checks the plumbing; the GPU error bound is ``test_fp32_tf32x3_error_cuda``)."""
+    gen = torch.Generator().manual_seed(21)
+    B, Hq, Hkv, D, N = 1, 6, 2, 32, 9
+    tree = _tree("random", B, N, gen)
+    q, k, v, pl, L = _inputs(B, Hq, Hkv, D, N, [40], gen)
+    ref, _ = _reference(q, k, v, pl, tree, L)
+    got = tree_attention(q, k, v, pl, tree.packed_ancestor_mask, N, config={"dot": dot})
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="dot"):
+        tree_attention(q, k, v, pl, tree.packed_ancestor_mask, N, config={"dot": "tf32"})
+
+
+def test_fp32_dot_default_follows_environment():
+    """3xTF32 by default; ``SPECDEC_FP32_TF32X3=0`` at import keeps IEEE dots (fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = "import importlib; print(importlib.import_module('verifiers.kernels.tree_attention').FP32_DOT)"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for env, want in (({}, "tf32x3"), ({"SPECDEC_FP32_TF32X3": "0"}, "ieee")):
+        e = {k: v for k, v in os.environ.items() if k != "SPECDEC_FP32_TF32X3"} | env
+        got = subprocess.run([sys.executable, "-c", code], cwd=root, env=e, capture_output=True, text=True, check=True)
+        assert got.stdout.strip().splitlines()[-1] == want

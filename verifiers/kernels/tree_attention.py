@@ -25,11 +25,19 @@ Design (ideas from the literature, code written for this project):
 The tree keys (at most 128, starting at the unaligned slot ``prefix_lens[b]``) are swept by a second
 loop with the bitset; every other key is a plain unmasked sweep over the prefix. Which split program
 gets which keys is the ``tree_split`` policy of :func:`pick_config`.
+
+fp32 inputs: both dots (``q k^T`` and ``p v``) in 3xTF32 on tensor cores by default (each operand a
+TF32 high part plus a TF32 remainder, three products summed in fp32; see
+:mod:`specdec.kernels.skinny`). On an H200 at SmolLM2-135M's heads (9 / 3, D 64) it took 5.8 - 18 µs
+where IEEE dots on FMA units took 9.3 - 38 µs (N = 1 - 32, prefix 256 - 1200), with the same error
+against an fp64 reference (6e-8 - 6e-7 vs 7e-8 - 4e-7; ``notes/issue6.md``, ninth session).
+``config={"dot": "ieee"}``, or ``SPECDEC_FP32_TF32X3=0`` in the environment, keeps IEEE dots.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -43,6 +51,8 @@ MAX_TREE_NODES = 128  # N <= 128: at most two 64-bit mask words per query
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 
 _LOG2E = 1.4426950408889634
+# fp32 dots: "tf32x3" (3xTF32 on tensor cores) or "ieee" (FMA units); see the module docstring
+FP32_DOT = "ieee" if os.environ.get("SPECDEC_FP32_TF32X3", "1") == "0" else "tf32x3"
 
 
 @triton.jit
@@ -70,7 +80,7 @@ def _tree_attn_fwd(
     RED_M: tl.constexpr,  # fused merge: rows per step
     RED_S: tl.constexpr,  # fused merge: partials per step
     PDL: tl.constexpr,  # let the merge kernel launch early (programmatic dependent launch, sm90+)
-    IEEE: tl.constexpr,
+    DOT: tl.constexpr,  # fp32 dots: "ieee" (FMA units) or "tf32x3" (tensor cores, 3xTF32); "": 16-bit
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -138,8 +148,8 @@ def _tree_attn_fwd(
         col_ok = cols < kv_end
         k = tl.load(k_base + cols[None, :].to(tl.int64) * stride_kl + d[:, None] * stride_kd,
                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        if IEEE:
-            s = tl.dot(q, k, input_precision="ieee")
+        if DOT != "":
+            s = tl.dot(q, k, input_precision=DOT)
         else:
             s = tl.dot(q, k)
         s = tl.where(col_ok[None, :], s * qk_scale, float("-inf"))  # [BLOCK_M, BLOCK_N]
@@ -150,8 +160,8 @@ def _tree_attn_fwd(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vl + d[None, :] * stride_vd,
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        if DOT != "":
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT)
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
@@ -168,8 +178,8 @@ def _tree_attn_fwd(
                             mask=row_ok[:, None] & j_ok[None, :], other=0)  # [BLOCK_M, BLOCK_N] int64
             bit = (words >> (j % 64).to(tl.int64)[None, :]) & 1
             vis = (bit != 0) & j_ok[None, :]
-            if IEEE:
-                s = tl.dot(q, k, input_precision="ieee")
+            if DOT != "":
+                s = tl.dot(q, k, input_precision=DOT)
             else:
                 s = tl.dot(q, k)
             s = tl.where(vis, s * qk_scale, float("-inf"))
@@ -180,8 +190,8 @@ def _tree_attn_fwd(
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + slots[:, None] * stride_vl + d[None, :] * stride_vd,
                         mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            if DOT != "":
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT)
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
@@ -308,9 +318,11 @@ def pick_config(n_q: int, group: int, head_dim: int, dtype: torch.dtype, view_le
     """
     m = n_q * group
     if dtype == torch.float32 and m <= 64:
-        # fp32 (IEEE dots on FMA units): 128-key tiles cost registers, not bandwidth, and the
+        # fp32 (swept with IEEE dots on FMA units): 128-key tiles cost registers, not bandwidth, and the
         # host-view tile rule left one split for short views (26.6 us at a 256-token prefix for
-        # SmolLM2's 9/3 heads, D 64); 32-key tiles and up to 16 splits: 6.7 us (H200 sweep, notes/issue6.md)
+        # SmolLM2's 9/3 heads, D 64); 32-key tiles and up to 16 splits: 6.7 us (H200 sweep, notes/issue6.md).
+        # With 3xTF32 dots (the default since the ninth session) these stayed within ~10 % of the best
+        # of 32/64-key tiles and 2/3 stages at N = 1-32 in views of 1024 / 2048.
         return dict(BLOCK_M=16 if m <= 16 else (32 if m <= 32 else 64), BLOCK_N=32, num_warps=4, num_stages=2,
                     waves=2, fill="ceil", min_tiles=1, max_splits=16, tree_split="legacy", combine="kernel", pdl=False)
     # few queries: the split policy and launch shapes of the previous kernel (host-sized prefix
@@ -413,7 +425,7 @@ def tree_attention(
             (default: enough programs for the device, see ``waves`` in :func:`pick_config`).
         config: block shapes (``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``) and split-K
             policy (``waves``, ``fill``, ``min_tiles``, ``tree_split``, ``combine``, ``pdl``), see
-            :func:`pick_config`.
+            :func:`pick_config`; for fp32 also ``dot`` (``"tf32x3"``, the default, or ``"ieee"``).
         out: optional ``[B, n, Hq, D]`` output buffer (contiguous unless the merge is fused).
     Returns:
         ``[B, n, Hq, D]`` in ``q.dtype``.
@@ -428,6 +440,9 @@ def tree_attention(
     cfg = dict(pick_config(n, G, D, q.dtype, view_len=L))
     if config:
         cfg.update(config)
+    dot = cfg.get("dot", FP32_DOT) if q.dtype == torch.float32 else ""  # 16-bit: plain tensor-core dots
+    if dot not in ("", "ieee", "tf32x3"):
+        raise ValueError(f"tree_attention: config 'dot' must be 'ieee' or 'tf32x3', got {dot!r}")
     BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
     BLOCK_D = max(16, triton.next_power_of_2(D))
     scale = scaling if scaling is not None else D ** -0.5
@@ -492,7 +507,7 @@ def tree_attention(
             G=G, HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
             TREE_SPLIT=tree_split, WRITE_PARTIAL=write_partial, FUSED=fused,
             RED_M=red_m, RED_S=red_s, PDL=pdl,
-            IEEE=q.dtype == torch.float32,
+            DOT=dot,
             num_warps=cfg["num_warps"], num_stages=stages,
         )
 
@@ -504,7 +519,7 @@ def tree_attention(
             num_warps=4, **extra,
         )
 
-    key = (q.device.index, q.dtype, D, G, BLOCK_M, BLOCK_N, cfg["num_warps"], cfg["num_stages"], write_partial, fused)
+    key = (q.device.index, q.dtype, D, G, BLOCK_M, BLOCK_N, cfg["num_warps"], cfg["num_stages"], write_partial, fused, dot)
     if key in _OUT_OF_RESOURCES:  # known too big for this GPU: never retry (a failed load breaks graph capture)
         block_n, stages = _SAFE_CONFIG["BLOCK_N"], _SAFE_CONFIG["num_stages"]
         launch(block_n, stages, pdl)
