@@ -11,6 +11,7 @@
 """
 
 import functools
+import importlib
 import os
 
 import pytest
@@ -172,6 +173,56 @@ def test_half_gemv_matches_reference_cuda(dtype):
                 y = quant_matmul(x, q, s, 4, G, c)
                 rel = ((y.float() - ref).norm() / ref.norm()).item()
                 assert rel < (1e-2 if dtype == torch.bfloat16 else 2e-3), (N, K, M, c, rel)
+
+
+def test_split_workspace_grows_without_freeing_the_old_one():
+    """An outgrown split-K workspace stays alive (a CUDA graph captured with it keeps its address);
+    sizes are powers of two; a smaller request reuses the current pair."""
+    qm = importlib.import_module("drafters.kernels.quant_matmul")  # (the package re-exports a function of that name)
+    dev = torch.device("cpu")
+    qm._WORKSPACE.pop((str(dev), 0), None)
+    a = qm._split_workspace(dev, 1000, 7)
+    assert a[0].numel() == 1024 and a[1].numel() == 8 and not a[0].any() and not a[1].any()
+    assert qm._split_workspace(dev, 900, 3)[0] is a[0]
+    retired = len(qm._RETIRED)
+    b = qm._split_workspace(dev, 1025, 7)
+    assert b[0].numel() == 2048 and b[0] is not a[0] and not b[0].any()
+    assert len(qm._RETIRED) == retired + 1 and qm._RETIRED[-1][0] is a[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="CUDA graphs need a CUDA device")
+def test_split_workspace_outgrown_inside_graphs_stays_valid_cuda():
+    """Graphs captured one after another in one pool (as a drafter's catch-up graphs of 3, 5, 9, 16
+    rows are), each needing a larger split-K workspace than the last, then replayed after the pool
+    handed memory to other tensors: every graph still computes its own product. (The outgrown
+    workspace used to be freed into the pool: the probable cause of a bf16 int8 QuantizedCopy of
+    SmolLM2 drafting at tau 1.04 on an H200.)"""
+    g = torch.Generator().manual_seed(3)
+    N, K = 1536, 576  # an up projection: 3..16 bf16 rows take the split-K tensor-core kernel
+    q, s = (t.cuda() for t in quantize_int8(torch.randn(N, K, generator=g) * 0.05))
+    assert default_config(5, N, K, 8, dtype=torch.bfloat16).split_k > 1
+    pool = torch.cuda.graph_pool_handle()
+    runs = []
+    for M in (3, 5, 9, 16):
+        x = torch.randn(M, K, generator=g).to("cuda", torch.bfloat16)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream, as DraftGraphs does
+            quant_matmul(x, q, s, 8)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            y = quant_matmul(x, q, s, 8)
+            junk = torch.full((1 << 16,), 7.0, device="cuda")  # pool memory that a freed workspace would become
+        del junk
+        runs.append((graph, x, y))
+    for graph, x, y in runs:
+        for _ in range(2):
+            graph.replay()
+        torch.cuda.synchronize()
+        ref = quant_matmul_ref(x.float(), q, s, 8, K)
+        rel = ((y.float() - ref).norm() / ref.norm()).item()
+        assert rel < 1e-2, (x.shape[0], rel)
 
 
 @pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1")

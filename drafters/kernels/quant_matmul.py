@@ -283,21 +283,32 @@ def default_config(M: int, N: int, K: int, bits: int, group_size: int | None = N
 
 # --------------------------------------------------------------------------- split-K workspace
 _WORKSPACE: dict[tuple, tuple[Tensor, Tensor]] = {}
+_RETIRED: list[tuple[Tensor, Tensor]] = []  # outgrown workspaces, never freed (see _split_workspace)
 
 
 def _split_workspace(device: torch.device, numel: int, tiles: int) -> tuple[Tensor, Tensor]:
     """Zeroed fp32 partial sums and int32 arrival counters, kept clean by the kernels themselves.
 
-    One pair per (device, stream): kernels on one stream run in order, so sharing is safe there;
-    it grows (never shrinks) to the largest ``numel`` / ``tiles`` asked for. Allocate before CUDA
-    graph capture (the first eager call does).
+    One pair per (device, stream): kernels on one stream run in order, so sharing is safe there.
+    A call that needs more than the current pair gets a new, larger one (sizes rounded up to a
+    power of two, so this happens a few times at most); the outgrown pair is **kept alive**, never
+    freed: a CUDA graph captured with it still reads and writes its address at every replay. (Freed,
+    its memory went back to the allocator -- for a pair first allocated inside a capture, to that
+    graph's private pool, which a drafter's later captures share -- and another tensor could take
+    it: the captured split-K sums would then start from that tensor's bytes. The probable cause of a
+    bf16 QuantizedCopy int8 draft of SmolLM2 at tau 1.04 on an H200, whose catch-up graphs of 3-5
+    rows grow the pair, while its int4 twin, whose few-row paths keep per-shape workspaces, kept
+    2.67 and the same int8 draft on the CPU 4.33; not yet re-measured with this fix.)
     """
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream)
     ws = _WORKSPACE.get(key)
     if ws is None or ws[0].numel() < numel or ws[1].numel() < tiles:
-        n0 = max(numel, ws[0].numel() if ws is not None else 0)
-        t0 = max(tiles, ws[1].numel() if ws is not None else 0)
+        pow2 = lambda n: 1 << (max(int(n), 1) - 1).bit_length()  # smallest power of two >= n
+        n0 = pow2(max(numel, ws[0].numel() if ws is not None else 0))
+        t0 = pow2(max(tiles, ws[1].numel() if ws is not None else 0))
+        if ws is not None:
+            _RETIRED.append(ws)
         ws = (torch.zeros(n0, device=device, dtype=torch.float32), torch.zeros(t0, device=device, dtype=torch.int32))
         _WORKSPACE[key] = ws
     return ws

@@ -36,7 +36,6 @@ against an fp64 reference (6e-8 - 6e-7 vs 7e-8 - 4e-7; ``notes/issue6.md``, nint
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -376,6 +375,7 @@ _NO_PDL: set = set()  # devices where a programmatic-dependent launch failed: pl
 _FUSE_MAX_ELEMS = 1 << 13  # fused merge only while rows * splits * BLOCK_D partial elements stay small
 _RED_ELEMS = 1 << 13  # fused merge: partial elements loaded per step (registers)
 _COUNTERS: dict = {}  # device -> int32 arrival counters of the fused merge (zero between launches)
+_RETIRED_COUNTERS: list = []  # outgrown counter buffers, never freed (CUDA graphs may point at them)
 
 
 def _counters(device: torch.device, n: int) -> Tensor | None:
@@ -390,6 +390,8 @@ def _counters(device: torch.device, n: int) -> Tensor | None:
     if buf is None or buf.numel() < n:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
+        if buf is not None:  # outgrown: kept alive, a graph captured with it still uses its address
+            _RETIRED_COUNTERS.append(buf)
         buf = torch.zeros(max(n, 1 << 12), dtype=torch.int32, device=device)  # [n_counters]
         _COUNTERS[key] = buf
     return buf
