@@ -66,6 +66,14 @@ def _gemv_configs() -> tuple[dict, ...]:
     return GEMV_CONFIGS
 
 
+def _fp32_tf32x3() -> bool:
+    try:
+        from .kernels import skinny
+    except ImportError:
+        return False
+    return skinny.FP32_TF32X3
+
+
 def _skinny_configs() -> tuple[dict, ...]:
     try:
         from .kernels.skinny import SKINNY_CONFIGS
@@ -205,7 +213,10 @@ class GemmPicker:
     @staticmethod
     def _key(x: Tensor, n, bias: bool) -> tuple:
         K = x.shape[-1]
-        return (x.device.index, str(x.dtype).removeprefix("torch."), x.numel() // max(K, 1), n, K, bias)
+        dt = str(x.dtype).removeprefix("torch.")
+        if x.dtype == torch.float32 and not _fp32_tf32x3():
+            dt += "/ieee"  # 3xTF32 switched off: its own table (choices made with it on may not apply)
+        return (x.device.index, dt, x.numel() // max(K, 1), n, K, bias)
 
     def formulation(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> int:
         key = self._key(x, weight.shape[0], bias is not None)

@@ -128,10 +128,15 @@ def test_fp32_skinny_can_be_switched_off(monkeypatch):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     x, w = torch.randn(8, 40, device=dev), torch.randn(24, 40, device=dev)
     assert any(applies(f, x, w) for f in SKINNY_FORMULATIONS)
+    f32 = _skinny_for(torch.float32)[0]
+    picker = GemmPicker(device_types=(dev,), timer=_FakeTimer((10.0, 11.0, 12.0) + tuple(
+        1.0 if f == f32 else float("inf") for f in range(3, _N))))
+    assert picker.formulation(x, w, None) == f32  # picked while 3xTF32 is on
     monkeypatch.setattr(skinny, "FP32_TF32X3", False)
     assert not any(applies(f, x, w) for f in SKINNY_FORMULATIONS)
     with pytest.raises(ValueError, match="FP32_TF32X3"):
         skinny.skinny_linear(x, w)
+    assert picker.formulation(x, w, None) == 0  # switched off: its own table, timed again, cuBLAS
     assert any(applies(f, x.half(), w.half()) for f in SKINNY_FORMULATIONS)  # 16 bits: unchanged
 
 
