@@ -304,9 +304,8 @@ def _split_workspace(device: torch.device, numel: int, tiles: int) -> tuple[Tens
     key = (str(device), stream)
     ws = _WORKSPACE.get(key)
     if ws is None or ws[0].numel() < numel or ws[1].numel() < tiles:
-        pow2 = lambda n: 1 << (max(int(n), 1) - 1).bit_length()  # smallest power of two >= n
-        n0 = pow2(max(numel, ws[0].numel() if ws is not None else 0))
-        t0 = pow2(max(tiles, ws[1].numel() if ws is not None else 0))
+        n0 = triton.next_power_of_2(max(numel, ws[0].numel() if ws is not None else 0, 1))
+        t0 = triton.next_power_of_2(max(tiles, ws[1].numel() if ws is not None else 0, 1))
         if ws is not None:
             _RETIRED.append(ws)
         ws = (torch.zeros(n0, device=device, dtype=torch.float32), torch.zeros(t0, device=device, dtype=torch.int32))

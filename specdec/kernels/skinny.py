@@ -192,7 +192,7 @@ def default_config(dtype: torch.dtype) -> dict:
 
 def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, config: dict | None = None,
                   scale: Tensor | None = None) -> Tensor:
-    """``x @ weight.T + bias`` for ``2 <= M <= 64`` rows of ``x`` (16-bit dtypes).
+    """``x @ weight.T + bias`` for ``2 <= M <= 64`` rows of ``x`` (16-bit dtypes, or fp32 in 3xTF32).
 
     Args:
         x: ``[..., K]``, ``M`` rows in all; bf16, fp16, or fp32 (3xTF32 dots, unless
