@@ -282,28 +282,36 @@ def default_config(M: int, N: int, K: int, bits: int, group_size: int | None = N
 
 
 # --------------------------------------------------------------------------- split-K workspace
-_WORKSPACE: dict[tuple, tuple[Tensor, Tensor]] = {}
+_WORKSPACE: dict[str, tuple[Tensor, Tensor]] = {}
 _RETIRED: list[tuple[Tensor, Tensor]] = []  # outgrown workspaces, never freed (see _split_workspace)
 
 
 def _split_workspace(device: torch.device, numel: int, tiles: int) -> tuple[Tensor, Tensor]:
     """Zeroed fp32 partial sums and int32 arrival counters, kept clean by the kernels themselves.
 
-    One pair per (device, stream): kernels on one stream run in order, so sharing is safe there.
-    A call that needs more than the current pair gets a new, larger one (sizes rounded up to a
-    power of two, so this happens a few times at most); the outgrown pair is **kept alive**, never
-    freed: a CUDA graph captured with it still reads and writes its address at every replay. (Freed,
-    its memory went back to the allocator -- for a pair first allocated inside a capture, to that
-    graph's private pool, which a drafter's later captures share -- and another tensor could take
-    it: the captured split-K sums would then start from that tensor's bytes. The probable cause of a
-    bf16 QuantizedCopy int8 draft of SmolLM2 at tau 1.04 on an H200, whose catch-up graphs of 3-5
-    rows grow the pair, while its int4 twin, whose few-row paths keep per-shape workspaces, kept
-    2.67 and the same int8 draft on the CPU 4.33; not yet re-measured with this fix.)
+    One pair per device, shared by every call and graph on it: split-K launches on one device must
+    not run concurrently on two streams (as for :func:`specdec.kernels.skinny.workspace`). A call
+    that needs more than the current pair gets a new, larger one (sizes rounded up to a power of
+    two, so this happens a few times at most), allocated and zeroed eagerly: a CUDA-graph capture
+    that would need one raises (run the call once outside the capture first, as DraftGraphs' warm-up
+    and the benchmarks do). The outgrown pair is **kept alive**, never freed: a graph captured with
+    it reads and writes its address at every replay.
+
+    History (ninth session): the pairs were per (device, stream) and an outgrown one was dropped.
+    Draft graphs warm up on a side stream and capture on PyTorch's shared capture stream, so the
+    capture stream's pair was allocated inside a capture, from the drafter's graph pool, and a later,
+    larger capture dropped it while an earlier graph still used it; another tensor could then take
+    that memory and the captured split-K sums start from its bytes. The probable cause of a bf16
+    QuantizedCopy int8 draft of SmolLM2 at tau 1.04 on an H200, whose catch-up graphs of 3-5 rows
+    grow the pair, while its int4 twin, whose few-row path keeps per-shape workspaces, kept 2.67
+    and the same int8 draft on the CPU 4.33 (not yet re-measured with this fix).
     """
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
+    key = str(device)
     ws = _WORKSPACE.get(key)
     if ws is None or ws[0].numel() < numel or ws[1].numel() < tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("quant_matmul: a split-K call inside a CUDA-graph capture needs a larger workspace than "
+                               "any eager call so far; run it once outside the capture first")
         n0 = triton.next_power_of_2(max(numel, ws[0].numel() if ws is not None else 0, 1))
         t0 = triton.next_power_of_2(max(tiles, ws[1].numel() if ws is not None else 0, 1))
         if ws is not None:
