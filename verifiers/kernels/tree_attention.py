@@ -29,7 +29,7 @@ gets which keys is the ``tree_split`` policy of :func:`pick_config`.
 fp32 inputs: both dots (``q k^T`` and ``p v``) in 3xTF32 on tensor cores by default (each operand a
 TF32 high part plus a TF32 remainder, three products summed in fp32; see
 :mod:`specdec.kernels.skinny`). On an H200 at SmolLM2-135M's heads (9 / 3, D 64) it took 5.8 - 18 µs
-where IEEE dots on FMA units took 9.3 - 38 µs (N = 1 - 32, prefix 256 - 1200), with the same error
+where IEEE dots on FMA units took 9.3 - 38 µs (N = 1 - 32, prefix 256 - 1200), with comparable error
 against an fp64 reference (6e-8 - 6e-7 vs 7e-8 - 4e-7; ``notes/issue6.md``, ninth session).
 ``config={"dot": "ieee"}``, or ``SPECDEC_FP32_TF32X3=0`` in the environment, keeps IEEE dots.
 """
