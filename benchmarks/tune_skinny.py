@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from specdec.gemm_pick import replay_us
+from specdec.gemm_pick import linear_as, replay_us
 
 SHAPES = {"k/v": (1024, 4096), "q/o": (4096, 4096), "gate/up": (14336, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}  # name -> (N, K)
@@ -72,13 +72,9 @@ def sweep_fp32(ms: list[int], budget_s: float) -> dict:
             refs = [x.double() @ w.double().T for w in ws]
             scale = max(r.abs().max().item() for r in refs)
             err = lambda outs: max((o.double() - r).abs().max().item() for o, r in zip(outs, refs)) / scale
-            row = {"err linear": err([F.linear(x, w) for w in ws]),
-                   "linear": graph_time_us(lambda c: [F.linear(x, w) for w in views(c)], flat),
-                   "transposed": graph_time_us(lambda c: [torch.mm(w, x.t()).t().contiguous() for w in views(c)], flat)}
-            prev = torch.backends.cuda.preferred_blas_library()
-            torch.backends.cuda.preferred_blas_library("cublaslt")
-            row["cublaslt"] = graph_time_us(lambda c: [F.linear(x, w) for w in views(c)], flat)
-            torch.backends.cuda.preferred_blas_library(prev)
+            row = {"err linear": err([F.linear(x, w) for w in ws])}
+            for f, name_f in enumerate(("linear", "transposed", "cublaslt")):  # the picker's cuBLAS formulations
+                row[name_f] = graph_time_us(lambda c: [linear_as(x, w, None, f) for w in views(c)], flat)
             for cfg in cfgs:
                 key = "{BLOCK_N}x{BLOCK_K}/{num_stages}s/k{SPLIT_K}".format(**cfg)
                 try:
