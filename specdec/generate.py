@@ -350,10 +350,11 @@ def generate(
         host_tokens[b].append(first_host[b])
         if stopper.cut(host_tokens[b], 1) is not None or max_new_tokens == 1:
             state.done[b] = True
-    timer.mark("first_token")
+    # (timer segments are named by the mark that opens them: "prefill" ends here, the drafter's
+    # own prefill is timed as "drafter_prefill" and counted as draft time)
+    timer.mark("drafter_prefill")
     if drafter is not None and not all(state.done):
         drafter.prefill(state)
-    timer.mark("drafter_prefill")
 
     steps = 0
     row_steps = 0  # verify steps summed over the rows that were still decoding

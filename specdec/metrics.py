@@ -25,7 +25,7 @@ class GenerateStats:
     total_s: float = 0.0
     tpot_s: float = 0.0
     verify_steps: int = 0
-    draft_s: float = 0.0
+    draft_s: float = 0.0  # the drafter's time: its prefill (e.g. a draft model's prompt forward) + every propose
     verify_s: float = 0.0
     tau: float = 0.0
     alpha: float = 0.0

@@ -84,3 +84,25 @@ def test_eos_defaults_to_generation_config():
         assert out.sequences[0, -1].item() == eos and len(out.new_tokens[0]) == cont.index(eos) + 1
     finally:
         model.generation_config.eos_token_id = old
+
+
+def test_drafter_prefill_counts_as_draft_time_not_lost():
+    """The drafter's prefill (a draft model's prompt forward) is draft time: it was once timed under
+    a segment that neither ``draft_s`` nor ``ttft_s`` counted, so drafters with a costly prefill
+    looked cheap per step while their TPOT was not."""
+    import time
+
+    model = tiny_model("llama")
+    ids = _prompt()
+    cont = hf_greedy(model, ids, 8)[0, ids.shape[1]:].tolist()
+
+    class SlowPrefill(Replay):
+        def prefill(self, state):
+            super().prefill(state)
+            time.sleep(0.2)
+
+    out = specdec.generate(model, ids, drafter=SlowPrefill(cont, 0.0), max_new_tokens=8, cuda_graphs=False)
+    s = out.stats
+    assert out.sequences[0].tolist() == ids[0].tolist() + cont
+    assert s.draft_s >= 0.2, s
+    assert s.ttft_s < 0.2 <= s.total_s - s.ttft_s, s  # not in TTFT, inside the decode span TPOT divides
