@@ -514,7 +514,7 @@ if _HAS_TRITON:
         _store_tile(acc, y_ptr, m * stride_ym + offs_n, ws_ptr, wsi_ptr, m * N + offs_n, cnt_ptr,
                     m * tl.num_programs(0) + pid_n, mask_n, SPLIT)
 
-    @triton.jit(do_not_specialize=["M"])  # row count: one binary for every prompt length
+    @triton.jit
     def _qgemm_kernel(
         x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, wsi_ptr, cnt_ptr,
         M, N, K, KB, kb_per_split,
@@ -602,7 +602,7 @@ if _HAS_TRITON:
                         offs_m[:, None] * N + offs_n[None, :], cnt_ptr, tile, mask_m[:, None] & mask_n[None, :], SPLIT)
 
 
-    @triton.jit(do_not_specialize=["M"])  # row count: one binary for every prompt length
+    @triton.jit
     def _q4_skinny_kernel(
         x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,  # x[M, K], w[N, Kp/2] uint8, s[Kp/G, N], y[M, N]
         M, N, K, KB, kb_per_split,  # kb_per_split: a multiple of G/2

@@ -73,7 +73,7 @@ SKINNY_CONFIGS: tuple[dict, ...] = (
 )
 
 
-@triton.jit(do_not_specialize=["M", "N0", "N1", "N2", "N3", "S1", "S2", "S3"])
+@triton.jit(do_not_specialize=["N0", "N1", "N2", "N3", "S1", "S2", "S3"])
 def _skinny(
     X, SCALE, WS, CNT,
     M, K, k_per_split,
