@@ -301,10 +301,9 @@ def _split_workspace(device: torch.device, numel: int, tiles: int) -> tuple[Tens
     Draft graphs warm up on a side stream and capture on PyTorch's shared capture stream, so the
     capture stream's pair was allocated inside a capture, from the drafter's graph pool, and a later,
     larger capture dropped it while an earlier graph still used it; another tensor could then take
-    that memory and the captured split-K sums start from its bytes. The probable cause of a bf16
-    QuantizedCopy int8 draft of SmolLM2 at tau 1.04 on an H200, whose catch-up graphs of 3-5 rows
-    grow the pair, while its int4 twin, whose few-row path keeps per-shape workspaces, kept 2.67
-    and the same int8 draft on the CPU 4.33 (not yet re-measured with this fix).
+    that memory and the captured split-K sums start from its bytes. That made a bf16 QuantizedCopy
+    int8 draft of SmolLM2 reach only tau 1.04 on an H200 (its catch-up graphs of 3-5 rows grow the
+    pair); with this fix it reaches 4.66 (tenth session, ``notes/issue4_quantized.md``).
     """
     key = str(device)
     ws = _WORKSPACE.get(key)
