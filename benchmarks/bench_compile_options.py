@@ -15,7 +15,8 @@ only), each option set runs in its own subprocess (fresh dynamo / Inductor state
 * ``autotune``: ``compile={"max_autotune": True, ...}`` (Triton GEMM templates timed against cuBLAS);
 * ``freeze+autotune``: both.
 
-Per variant: AR TPOT through ``generate`` (128 tokens), the verify graph's replay time per bucket
+Per variant: AR TPOT through ``generate`` (128 tokens; also with every step read back before the
+next is queued, i.e. without the run-ahead of autoregressive steps), the verify graph's replay time per bucket
 at a fixed committed length, peak memory, and, with ``--profile``, the kernel count and top kernels
 of one replay. Greedy tokens are compared with the first variant's.
 
@@ -45,6 +46,7 @@ VARIANTS = {
     "autotune": {"max_autotune": True, "max_autotune_gemm_backends": "ATEN,TRITON"},
     "freeze+autotune": {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "ATEN,TRITON"},
     "cdt": {"coordinate_descent_tuning": True},  # Inductor tunes its own pointwise / reduction launches
+    "pdl": {"pdl": True},  # programmatic dependent launch: Inductor's kernels and the GEMVs (sm90+)
 }
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -107,6 +109,11 @@ def child(kind: str, variant: str, out: str, prof: tuple[int, ...]) -> None:
     o = specdec.generate(model, ids, max_new_tokens=128, compile=compile, eos_token_id=-1)
     res["ar_tpot_ms"] = o.stats.tpot_s * 1e3
     res["tokens"] = [int(t) for t in o.new_tokens[0]]
+    # the same with the host reading every step back before queueing the next one (an ``on_step``
+    # callback turns the run-ahead of autoregressive steps off)
+    o = specdec.generate(model, ids, max_new_tokens=128, compile=compile, eos_token_id=-1, on_step=lambda s, r: None)
+    res["ar_tpot_sync_ms"] = o.stats.tpot_s * 1e3
+    res["tokens_sync_equal"] = [int(t) for t in o.new_tokens[0]] == res["tokens"]
     runner = _RUNNERS[model]
     prefix = T + 56
     res["verify_prefix"] = prefix
@@ -149,7 +156,8 @@ def main(argv=None) -> None:
             r = res[v] = json.loads(f.read_text())
             vm = r["verify_ms"]
             same = r["tokens"] == next(iter(res.values()))["tokens"]  # the first variant's tokens
-            print(f"{kind} {v:16s} AR {r['ar_tpot_ms']:.3f} ms | verify " + " ".join(f"{n}:{vm[str(n)]:.3f}" for n in BUCKETS)
+            print(f"{kind} {v:16s} AR {r['ar_tpot_ms']:.3f} ms (read back every step: {r.get('ar_tpot_sync_ms', 0):.3f}, "
+                  f"same tokens: {r.get('tokens_sync_equal')}) | verify " + " ".join(f"{n}:{vm[str(n)]:.3f}" for n in BUCKETS)
                   + f" | 64/1 {r['v64_over_v1']:.3f} | peak {r['peak_mem_gb']:.1f} GB | tokens = first: {same}", flush=True)
             picks = {k: v["pick"] for k, v in r.get("gemm_pick", {}).items() if v["pick"] != "linear"}
             if picks:

@@ -167,8 +167,16 @@ class CUDAGraphRunner:
         whole = (compile is True or compile == "inductor"
                  or (isinstance(compile, Mapping) and bool(compile.get("compile_step", True))
                      and not compile.get("freezing")))
-        self._step = compiled_forward(compile, step_fn) if compile and whole else None  # the whole step
-        self._forward = compiled_forward(compile) if compile and not whole else None  # the forward only
+        # {"pdl": True}: programmatic dependent launch in the one-token step only (H200, 8B: AR
+        # 4.484 -> 4.322 ms, but tree steps 0.3-3.9 % slower with it), so trees compile without it
+        tree_compile = compile
+        self.pdl = isinstance(compile, Mapping) and bool(compile.get("pdl"))
+        if self.pdl:
+            tree_compile = {k: v for k, v in compile.items() if k != "pdl"}
+        self._step = compiled_forward(tree_compile, step_fn) if compile and whole else None  # the whole step
+        self._forward = compiled_forward(tree_compile) if compile and not whole else None  # the forward only
+        self._step_root = compiled_forward(compile, step_fn) if compile and whole else None
+        self._forward_root = compiled_forward(compile) if compile and not whole else None
         # per-shape GEMM choice for every captured step (Inductor's freezing concatenates linears:
         # they must stay plain mm's there)
         if pick_gemm is None:
@@ -292,7 +300,7 @@ class CUDAGraphRunner:
             b.parents.copy_(b.packed[:, 1])
             b.valid.copy_(b.packed[:, 2] != 0)
         tree = TokenTree(tokens=b.tokens, parents=b.parents, valid=b.valid)
-        if self._step is not None:  # the tree's masks outside the compiled step: their log2(N)
+        if self._step is not None or self._step_root is not None:  # the tree's masks outside the compiled step: their log2(N)
             # squarings would make dynamo compile one graph per power-of-two bucket
             if b.root_only and not b.masks:  # one node, fixed parents: constant masks, computed once
                 b.masks = self._tree_masks(TokenTree(tokens=b.tokens, parents=b.parents, valid=b.valid))
@@ -304,10 +312,15 @@ class CUDAGraphRunner:
                 for t in (tree.ancestor_mask, getattr(tree, "packed_ancestor_mask", None)):
                     if t is not None:
                         torch._dynamo.maybe_mark_dynamic(t, 1)
-        target, step = self._target(), self._step or self.step_fn
-        if self._forward is not None:
-            target = _CompiledCall(target, self._forward)
-        with self.gemm.mode() if self.gemm is not None else contextlib.nullcontext():
+        step = (self._step_root if b.root_only else self._step) or self.step_fn
+        forward = self._forward_root if b.root_only else self._forward
+        target = self._target()
+        if forward is not None:
+            target = _CompiledCall(target, forward)
+        from .kernels import pdl
+
+        with (self.gemm.mode() if self.gemm is not None else contextlib.nullcontext(),
+              pdl.on() if self.pdl and b.root_only else contextlib.nullcontext()):
             res, host = step(
                 target, self.verifier, tree, self.cache, self.max_len, self.greedy, None,
                 self.active, self.sequences, self.seq_lens, self.counters,
@@ -429,7 +442,9 @@ def compiled_forward(compile, fn: Callable | None = None) -> Callable:
     graph, so the step's ~90 small bookkeeping kernels are fused too (H200, 8B: verify(1) 4.437 ->
     4.276 ms); ``{"compile_step": False}`` compiles the forward alone, and so does ``freezing`` (the
     whole step with frozen weights failed the CUDA equality test). Other backends compile the
-    forward alone.
+    forward alone. ``{"pdl": True}``: Inductor's ``triton.enable_pdl`` with every kernel waiting
+    first (:func:`_inductor_pdl_wait_first`); the runner compiles its one-token step with it and
+    its tree steps without (``docs/gpu.md``).
 
     One compiled function per setting, shared by every model: dynamo keeps one entry per (model,
     input shapes), so the recompile limit is raised to hold the buckets of a few models.
@@ -454,6 +469,10 @@ def compiled_forward(compile, fn: Callable | None = None) -> Callable:
             fn = torch.compile(target_fn, backend=key[1], fullgraph=True)
         else:
             options.pop("compile_step", None)  # (read by the runner)
+            if options.pop("pdl", False):
+                # programmatic dependent launch for Inductor's kernels and the specdec GEMVs (sm90+)
+                _inductor_pdl_wait_first()
+                options["triton.enable_pdl"] = True  # (the specdec kernels: the runner's pdl.on())
             if options.pop("group_linears", True):
                 from .gemm_pick import GROUP_PASS
 
@@ -463,6 +482,34 @@ def compiled_forward(compile, fn: Callable | None = None) -> Callable:
                 fn = _traced_with_freezing(fn)
         _COMPILED[key] = fn
     return fn
+
+
+def _inductor_pdl_wait_first() -> None:
+    """Make every Inductor kernel launched with PDL wait for the previous grid before its first
+    access (``gdc_wait`` as the body's first statement).
+
+    Why: Inductor (``triton.enable_pdl``) waits before a load only when the scheduler's previous
+    node wrote the loaded buffer; otherwise the load comes first and the wait after it. After an
+    opaque custom op with several outputs (``specdec::linear_group``: q, k, v) the previous node is
+    the last output alone, so a kernel reading q loaded it while the GEMV could still be writing it
+    (H200, 8B: AR tokens changed). Waiting first keeps what PDL is for here, launching the next
+    kernel while the previous one drains, and makes every PDL kernel complete only after its
+    predecessor, so the chain of kernels stays ordered.
+    """
+    from torch._inductor.codegen.triton import TritonKernel
+
+    if getattr(TritonKernel, "_specdec_wait_first", False):
+        return
+    original = TritonKernel._filter_pdl
+
+    def filter_pdl(self, code):
+        original(self, code)
+        if self._enable_pdl_codegen():
+            lines = [ln for ln in code._lines if not (isinstance(ln, str) and self.GDC_WAIT in ln)]
+            code._lines = [self.GDC_WAIT] + lines
+
+    TritonKernel._filter_pdl = filter_pdl
+    TritonKernel._specdec_wait_first = True
 
 
 def _traced_with_freezing(fn: Callable) -> Callable:

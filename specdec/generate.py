@@ -258,7 +258,8 @@ def generate(
         pad_token_id: fills rows that stopped early (default: generation config's pad, else EOS, else 0).
         cache: reuse a preallocated cache (must be large enough); default allocates one per call.
         on_step: callback after each verify step (streaming, logging). No prints in the loop. The
-            ``AcceptResult``'s tensors are valid until the next step (clone what you keep).
+            ``AcceptResult``'s tensors are valid until the next step (clone what you keep). With
+            a callback, plain decoding in CUDA graphs no longer runs one step ahead of the host.
         cuda_graphs: replay steps 2-5a as CUDA graphs, one per tree-size bucket
             (:mod:`specdec.cuda_graph`). ``None`` (default): on for CUDA with greedy decoding and no
             ``cache`` passed in; ``True``: required (raises where unsupported); ``False``: eager; or a
@@ -270,6 +271,8 @@ def generate(
             Two compilations per model, at the first two buckets' captures (tens of seconds each for
             an 8B model); tokens equal the uncompiled steps' up to float
             rounding of the fused ops. Needs the CUDA-graph runner (CUDA target, greedy, no ``cache``).
+            ``{"pdl": True}``: programmatic dependent launch in the one-token step (sm90+; see
+            ``docs/gpu.md``).
     Returns:
         :class:`GenerateOutput` with ``.sequences`` ``[B, T + new]`` and ``.stats``.
     """
@@ -358,11 +361,20 @@ def generate(
 
     steps = 0
     row_steps = 0  # verify steps summed over the rows that were still decoding
+    # Autoregressive steps in CUDA graphs run one step ahead of the host: step k + 1 is queued
+    # before step k's tokens are read back, so the device does not wait for the host's EOS / stop
+    # checks and the next launch (the idea of vLLM's asynchronous output processing). Each step
+    # reads only device state (it gathers its own root), a row that stopped at step k is ignored in
+    # step k + 1, and no step is queued past ``max_new_tokens``; an EOS stop wastes one step.
+    ahead = drafter is None and graphs is not None and on_step is None
+    queued = None  # the step already running ahead, if any
+    host_pinned: Tensor | None = None  # [B, 2] read-back of a one-token step
     while not all(state.done):
         row_steps += state.done.count(False)
         active_host = [not d for d in state.done]
         # 1. draft
-        timer.mark("draft")
+        if not ahead:
+            timer.mark("draft")
         if drafter is None:
             tree = None if graphs is not None else TokenTree.root_only(state.roots)  # graph gathers the root itself
         else:
@@ -371,9 +383,12 @@ def generate(
                 raise RuntimeError(f"{type(drafter).__name__} proposed {tree.num_nodes - 1} draft nodes > budget {budget}")
         # 2.-5a. verify (ONE forward), accept, commit, append on device: see verify_step;
         # one graph replay when captured (tree padded to its bucket), else eager
-        timer.mark("verify")
-        step = graphs.step(tree, active_host) if graphs is not None else None
+        step, queued = queued, None
         if step is None:
+            timer.mark("verify")
+            step = graphs.step(tree, active_host) if graphs is not None else None
+        if step is None:
+            ahead = False  # (no graph for this step: eager from here on)
             tree = tree.to(device) if tree is not None else TokenTree.root_only(state.roots)
             active = torch.tensor(active_host, device=device)
             view_len = max(len(t) for t in host_tokens) - 1 + tree.num_nodes
@@ -381,7 +396,24 @@ def generate(
                                state.seq_lens, counters)
         res, host_t = step  # (with graphs: the runner's static buffers, valid until the next step)
         # 5. the one host sync of the step: accepted length + tokens; EOS/stop on the host
-        host = host_t.tolist()
+        if ahead:
+            read = None
+            if host_t.is_cuda:  # [B, 2]: copied out asynchronously, read after queueing the next step
+                if host_pinned is None:
+                    host_pinned = torch.empty(host_t.shape, dtype=host_t.dtype, pin_memory=True)
+                host_pinned.copy_(host_t, non_blocking=True)
+                read = torch.cuda.Event()
+                read.record()
+            else:
+                host_pinned = host_t.clone()
+            if steps + 2 < max_new_tokens:  # (the first token came from the prefill)
+                timer.mark("verify")
+                queued = graphs.step(None, active_host)  # overwrites host_t: copied out above
+            if read is not None:
+                read.synchronize()
+            host = host_pinned.tolist()
+        else:
+            host = host_t.tolist()
         steps += 1
         new_lists: list[list[int]] = []
         for b in range(B):

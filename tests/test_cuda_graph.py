@@ -137,6 +137,35 @@ def test_runner_batch_rows_finish_at_different_steps():
         assert torch.equal(out.sequences, ref.sequences)
 
 
+def test_autoregressive_steps_run_one_ahead_of_the_host():
+    """Plain decoding through the runner queues step k + 1 before reading step k back: same tokens
+    as the eager loop, never a step past ``max_new_tokens``, one wasted step when every row stops
+    on an EOS, and no running ahead when an ``on_step`` callback may read the step's buffers."""
+    model = tiny_model("llama")
+    prompt = _prompt(seed=2, B=2)
+    runner = CUDAGraphRunner(model, SDPAVerifier(), verify_step, 2, 256, buckets=(1, 8), capture=False)
+
+    def replays(**kw):
+        before = runner._buckets[(1, True)].replays if (1, True) in runner._buckets else 0
+        out = specdec.generate(model, prompt, max_new_tokens=NEW, verifier=SDPAVerifier(), cuda_graphs=runner, **kw)
+        ref = specdec.generate(model, prompt, max_new_tokens=NEW, cuda_graphs=False, **kw)
+        assert out.new_tokens == ref.new_tokens
+        assert torch.equal(out.sequences, ref.sequences)
+        return out, runner._buckets[(1, True)].replays - before
+
+    out, n = replays(eos_token_id=-1)
+    assert n == NEW - 1 == out.stats.verify_steps  # the first token is the prefill's
+    full = out.new_tokens
+    # an EOS that stops both rows well before max_new_tokens: the step where the later one stops
+    last, eos = min((max(r.index(t) for r in full), t) for t in set(full[0]) & set(full[1]))
+    assert last < NEW - 2
+    out, n = replays(eos_token_id=eos)
+    assert out.stats.verify_steps == last
+    assert n == last + 1  # the step queued while the last row's EOS was read back
+    out, n = replays(eos_token_id=eos, on_step=lambda state, res: None)
+    assert n == out.stats.verify_steps == last  # a callback sees each step's buffers: no running ahead
+
+
 def test_runner_rejects_misfits_and_cpu_graphs():
     model = tiny_model("llama")
     prompt = _prompt()
@@ -382,6 +411,64 @@ def test_compiled_graph_replay_matches_eager_cuda(name, compile):
     runner = _RUNNERS[model]
     assert runner.compile == compile and runner.disabled is None
     assert all(b.graph is not None for b in runner._buckets.values())
+
+
+def _sm90() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+@pytest.mark.skipif(not _sm90(), reason="programmatic dependent launch needs sm90+")
+@pytest.mark.parametrize("name", ["ar", "replay-tree"])
+def test_pdl_graph_replay_matches_eager_cuda(name):
+    """compile={"pdl": True}: the one-token step's kernels (Inductor's, the GEMVs, KV writes,
+    attention) launched early with a wait first, trees captured without PDL; same tokens as the
+    eager loop (fp32)."""
+    import copy
+
+    from specdec.cuda_graph import _RUNNERS
+    from specdec.kernels import pdl
+
+    model = copy.deepcopy(tiny_model("llama", seed=11)).cuda()
+    prompt = _prompt(seed=5).cuda()
+    ref = specdec.generate(model, prompt, max_new_tokens=NEW, cuda_graphs=False)
+    for _ in range(2):
+        drafter = _drafters(model, ref.new_tokens[0])[name]
+        out = specdec.generate(model, prompt, drafter=drafter, max_new_tokens=NEW, budget=6, compile={"pdl": True})
+        assert out.new_tokens == ref.new_tokens
+    runner = _RUNNERS[model]
+    assert runner.pdl and runner._step_root is not runner._step  # the one-token step: its own compilation
+    assert not pdl.enabled(prompt.device)  # only while the runner captures its one-token step
+    with pdl.on():
+        assert pdl.enabled(prompt.device)
+
+
+@pytest.mark.skipif(not _sm90(), reason="Inductor emits PDL code for sm90+ only")
+def test_inductor_pdl_kernels_wait_first_cuda():
+    """With the specdec filter, every Inductor kernel compiled with ``triton.enable_pdl`` waits for
+    the previous grid before anything else (Inductor alone may load first when the previous node
+    did not write the loaded buffer, e.g. after an opaque op with several outputs)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from specdec.cuda_graph import _inductor_pdl_wait_first
+
+    _inductor_pdl_wait_first()
+    w = torch.randn(64, 64, device="cuda")
+
+    def f(x, r):
+        y = x @ w  # an extern kernel between Inductor kernels
+        return torch.rms_norm(y + r, (64,)) * 2, (x * 3).sum(-1)
+
+    x, r = torch.randn(8, 64, device="cuda"), torch.randn(8, 64, device="cuda")
+    torch._dynamo.reset()
+    fn = torch.compile(f, options={"triton.enable_pdl": True})
+    _, codes = run_and_get_code(fn, x, r)
+    kernels = [k for c in codes for k in c.split("@triton.jit")[1:]]
+    assert kernels
+    for k in kernels:
+        lines = [ln.strip() for ln in k.splitlines()]
+        waits = [i for i, ln in enumerate(lines) if "gdc_wait" in ln]
+        access = [i for i, ln in enumerate(lines) if "tl.load(" in ln or "tl.store(" in ln]
+        assert len(waits) == 1 and access and waits[0] < access[0], k[:600]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="3xTF32 dots need a GPU (the interpreter multiplies in fp32)")

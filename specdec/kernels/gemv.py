@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import pdl as _pdl
+
 __all__ = ["gemv", "gemv_group", "GEMV_CONFIGS", "MAX_GROUP"]
 
 MAX_GROUP = 4  # linears of one input in one launch (q/k/v, gate/up)
@@ -59,6 +61,7 @@ def _gemv(
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (sm90+, :mod:`specdec.kernels.pdl`)
 ):
     # A group of up to 4 linears of the same x (e.g. q/k/v) in one launch: program ``pid`` owns
     # BLOCK_N rows of one of them (``group_tile``); NUM_GROUPS = 1 is the plain GEMV.
@@ -68,13 +71,27 @@ def _gemv(
     n_ok = rn < N
     w_rows = W + rn.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = 0
+    if PDL:
+        # Started before the previous kernel finished: the weights are constants, so the first chunk
+        # is requested now; x is read only after the previous grid has completed and flushed.
+        rk = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+        k_ok = rk < K
+        w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
+                    eviction_policy="evict_first")  # [BLOCK_N, BLOCK_K]
+        tl.extra.cuda.gdc_wait()
+        x = tl.load(X + rk, mask=k_ok, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        k_start = BLOCK_K
+    for k0 in range(k_start, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
         k_ok = rk < K
         x = tl.load(X + rk, mask=k_ok, other=0.0)
         w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
                     eviction_policy="evict_first")  # [BLOCK_N, BLOCK_K]
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start its own pre-wait part
     y = tl.sum(acc, axis=1)  # [BLOCK_N]
     if HAS_BIAS:
         y += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)
@@ -145,9 +162,14 @@ def gemv_group(x: Tensor, weights: list[Tensor], biases: list[Tensor | None] | N
     xc = x.reshape(K).contiguous()
     outs = [torch.empty(*x.shape[:-1], w.shape[0], dtype=x.dtype, device=x.device) for w in weights]
     args, tiles = group_args(weights, outs, biases, cfg["BLOCK_N"])
-    _gemv[(tiles,)](
-        xc, K, weights[0].stride(0), *args,
-        NUM_GROUPS=len(weights), HAS_BIAS=biases[0] is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"], num_stages=1,
-    )
+
+    def launch(pdl: bool):
+        _gemv[(tiles,)](
+            xc, K, weights[0].stride(0), *args,
+            NUM_GROUPS=len(weights), HAS_BIAS=biases[0] is not None, BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_K=cfg["BLOCK_K"], PDL=pdl, num_warps=cfg["num_warps"], num_stages=1,
+            **(dict(launch_pdl=True) if pdl else {}),
+        )
+
+    _pdl.launch(launch, x.device)
     return outs

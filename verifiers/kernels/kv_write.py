@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from specdec.kernels import pdl
+
 __all__ = ["kv_write"]
 
 
@@ -28,7 +30,10 @@ def _kv_write(
     HEAD_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,  # launched early (programmatic dependent launch): wait for the previous kernel
 ):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)  # over b * H + h
     h = pid % H
     b = pid // H
@@ -59,13 +64,17 @@ def kv_write(kv_layer: Tensor, slots: Tensor, key: Tensor, value: Tensor) -> Non
         return
     BLOCK_N = min(32, max(2, triton.next_power_of_2(n)))
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    _kv_write[(B * H, triton.cdiv(n, BLOCK_N))](
-        kv_layer, slots, key, value,
-        H, n, T,
-        *kv_layer.stride(),
-        *slots.stride(),
-        *key.stride(),
-        *value.stride(),
-        HEAD_D=D, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-        num_warps=4 if BLOCK_N * BLOCK_D <= 2048 else 8,
-    )
+    def launch(pdl: bool):
+        _kv_write[(B * H, triton.cdiv(n, BLOCK_N))](
+            kv_layer, slots, key, value,
+            H, n, T,
+            *kv_layer.stride(),
+            *slots.stride(),
+            *key.stride(),
+            *value.stride(),
+            HEAD_D=D, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PDL=pdl,
+            num_warps=4 if BLOCK_N * BLOCK_D <= 2048 else 8,
+            **(dict(launch_pdl=True) if pdl else {}),
+        )
+
+    pdl.launch(launch, kv_layer.device)

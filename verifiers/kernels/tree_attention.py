@@ -44,6 +44,8 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
+from specdec.kernels import pdl as _step_pdl
+
 __all__ = ["tree_attention", "pick_config", "MAX_TREE_NODES", "SUPPORTED_HEAD_DIMS"]
 
 MAX_TREE_NODES = 128  # N <= 128: at most two 64-bit mask words per query
@@ -80,7 +82,10 @@ def _tree_attn_fwd(
     RED_S: tl.constexpr,  # fused merge: partials per step
     PDL: tl.constexpr,  # let the merge kernel launch early (programmatic dependent launch, sm90+)
     DOT: tl.constexpr,  # fp32 dots: "ieee" (FMA units) or "tf32x3" (tensor cores, 3xTF32); "": 16-bit
+    WAIT: tl.constexpr,  # this grid was launched early (specdec.kernels.pdl): wait for the previous one
 ):
+    if WAIT:
+        tl.extra.cuda.gdc_wait()
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -482,7 +487,8 @@ def tree_attention(
     fused = write_partial and (combine == "fused" or (combine == "auto" and rows * num_splits * BLOCK_D <= _FUSE_MAX_ELEMS))
     counters = _counters(q.device, per_split) if fused else None
     fused = counters is not None
-    pdl = bool(cfg.get("pdl", False)) and write_partial and not fused and _pdl_ok(q.device)
+    # the merge launched early: a config's choice, or every kernel of the step (specdec.kernels.pdl)
+    pdl = (bool(cfg.get("pdl", False)) or _step_pdl.enabled(q.device)) and write_partial and not fused and _pdl_ok(q.device)
     if write_partial:
         opart = torch.empty(num_splits, R, BLOCK_D, dtype=torch.float32, device=q.device)  # [S, B*n*Hq, BLOCK_D]
         mpart = torch.empty(num_splits, R, dtype=torch.float32, device=q.device)  # [S, B*n*Hq]
@@ -500,6 +506,12 @@ def tree_attention(
     grid = (m_blocks, B * Hkv, num_splits)
 
     def launch(block_n, stages, pdl):
+        # (the attention grid lets the merge launch at its start only when the config asks: with
+        # every kernel of the step on PDL the merge is launched early but triggered at the end)
+        trigger = pdl and bool(cfg.get("pdl", False))
+        _step_pdl.launch(lambda wait: _launch_fwd(block_n, stages, trigger, wait), q.device)
+
+    def _launch_fwd(block_n, stages, pdl, wait):
         _tree_attn_fwd[grid](
             q, k, v, out, packed_mask, prefix_lens,
             opart, mpart, lpart, counters,
@@ -509,8 +521,9 @@ def tree_attention(
             G=G, HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
             TREE_SPLIT=tree_split, WRITE_PARTIAL=write_partial, FUSED=fused,
             RED_M=red_m, RED_S=red_s, PDL=pdl,
-            DOT=dot,
+            DOT=dot, WAIT=wait,
             num_warps=cfg["num_warps"], num_stages=stages,
+            **(dict(launch_pdl=True) if wait else {}),
         )
 
     def combine_launch(pdl):
