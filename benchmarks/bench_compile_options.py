@@ -46,7 +46,7 @@ VARIANTS = {
     "autotune": {"max_autotune": True, "max_autotune_gemm_backends": "ATEN,TRITON"},
     "freeze+autotune": {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "ATEN,TRITON"},
     "cdt": {"coordinate_descent_tuning": True},  # Inductor tunes its own pointwise / reduction launches
-    "pdl": {"pdl": True},  # programmatic dependent launch: Inductor's kernels and the GEMVs (sm90+)
+    "pdl": {"pdl": True},  # programmatic dependent launch in the one-token step (sm90+, specdec.kernels.pdl)
 }
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 

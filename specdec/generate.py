@@ -369,6 +369,7 @@ def generate(
     ahead = drafter is None and graphs is not None and on_step is None
     queued = None  # the step already running ahead, if any
     host_pinned: Tensor | None = None  # [B, 2] read-back of a one-token step
+    read = torch.cuda.Event() if ahead and device.type == "cuda" else None  # that copy's completion
     while not all(state.done):
         row_steps += state.done.count(False)
         active_host = [not d for d in state.done]
@@ -397,12 +398,10 @@ def generate(
         res, host_t = step  # (with graphs: the runner's static buffers, valid until the next step)
         # 5. the one host sync of the step: accepted length + tokens; EOS/stop on the host
         if ahead:
-            read = None
-            if host_t.is_cuda:  # [B, 2]: copied out asynchronously, read after queueing the next step
+            if read is not None:  # [B, 2]: copied out asynchronously, read after queueing the next step
                 if host_pinned is None:
                     host_pinned = torch.empty(host_t.shape, dtype=host_t.dtype, pin_memory=True)
                 host_pinned.copy_(host_t, non_blocking=True)
-                read = torch.cuda.Event()
                 read.record()
             else:
                 host_pinned = host_t.clone()

@@ -6,14 +6,14 @@ call ``gdc_wait`` (``griddepcontrol.wait``) before touching anything the previou
 or read. Every kernel launched this way here waits before its first access to a step buffer, so
 each completes only after its predecessor and the chain stays in stream order. What it saves is the
 launch latency and the ramp-up between the small kernels of a one-token step and the GEMVs around
-them (H200: Llama-3-8B AR 4.291 -> 4.207 ms, a SmolLM2-shaped fp32 model 0.956 -> 0.686 ms,
+them (H200: Llama-3-8B AR 4.308 -> 4.142 ms, a SmolLM2-shaped fp32 model 0.857 -> 0.653 ms,
 ``notes/issue6.md``, eleventh session). CUDA programming guide, "Programmatic Dependent Launch and
 Synchronization".
 
 Off by default. ``generate(compile={"pdl": True})`` turns it on while the CUDA-graph runner
 captures its one-token step (:func:`on`), whose compiled code also has Inductor's own
 ``triton.enable_pdl``; tree steps are captured without it (their Inductor kernels and the skinny
-GEMMs do not launch early, and with only the specdec kernels on PDL they measured 1-2 % slower).
+GEMMs do not launch early, and with only the specdec kernels on PDL they measured up to 2 % slower).
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["ENABLED", "enabled", "launch", "on"]
+__all__ = ["enabled", "launch", "on"]
 
-ENABLED = False  # process-wide switch (tests, experiments); the runner uses ``on()`` instead
 _ON = 0  # depth of ``on()`` contexts
 _FAILED: set = set()  # devices where a programmatic dependent launch failed: plain launches there
 
@@ -42,8 +41,8 @@ def on():
 
 
 def enabled(device: torch.device) -> bool:
-    """Launch with PDL on ``device``? (sm90+, :data:`ENABLED` or inside :func:`on`, no earlier failure.)"""
-    return ((ENABLED or _ON > 0) and device.type == "cuda" and device.index not in _FAILED
+    """Launch with PDL on ``device``? (sm90+, inside :func:`on`, no earlier failure.)"""
+    return (_ON > 0 and device.type == "cuda" and device.index not in _FAILED
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 

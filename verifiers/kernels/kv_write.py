@@ -64,6 +64,7 @@ def kv_write(kv_layer: Tensor, slots: Tensor, key: Tensor, value: Tensor) -> Non
         return
     BLOCK_N = min(32, max(2, triton.next_power_of_2(n)))
     BLOCK_D = max(16, triton.next_power_of_2(D))
+
     def launch(pdl: bool):
         _kv_write[(B * H, triton.cdiv(n, BLOCK_N))](
             kv_layer, slots, key, value,
