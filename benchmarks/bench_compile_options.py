@@ -14,6 +14,9 @@ only), each option set runs in its own subprocess (fresh dynamo / Inductor state
   concatenate linears that share an input, e.g. an MLP's gate and up projections: extra memory);
 * ``autotune``: ``compile={"max_autotune": True, ...}`` (Triton GEMM templates timed against cuBLAS);
 * ``freeze+autotune``: both.
+* ``pdl``: ``compile={"pdl": True}`` (programmatic dependent launch in the one-token step);
+* ``no-swiglu`` / ``pdl+no-swiglu``: ``{"fuse_swiglu": False}`` (the one-row SwiGLU MLP's gate/up
+  GEMV stores both outputs and Inductor's kernel forms ``silu(g) * u``, instead of one launch).
 
 Per variant: AR TPOT through ``generate`` (128 tokens; also with every step read back before the
 next is queued, i.e. without the run-ahead of autoregressive steps), the verify graph's replay time per bucket
@@ -47,6 +50,8 @@ VARIANTS = {
     "freeze+autotune": {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "ATEN,TRITON"},
     "cdt": {"coordinate_descent_tuning": True},  # Inductor tunes its own pointwise / reduction launches
     "pdl": {"pdl": True},  # programmatic dependent launch in the one-token step (sm90+, specdec.kernels.pdl)
+    "no-swiglu": {"fuse_swiglu": False},  # the one-row MLP's gate/up GEMV and SiLU product as two launches
+    "pdl+no-swiglu": {"pdl": True, "fuse_swiglu": False},
 }
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 

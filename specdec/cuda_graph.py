@@ -437,7 +437,9 @@ def compiled_forward(compile, fn: Callable | None = None) -> Callable:
 
     With Inductor, linears that share an input and run through the GEMM picker are grouped into one
     launch where that is faster (:data:`specdec.gemm_pick.GROUP_PASS`); the option
-    ``{"group_linears": False}`` turns that off. With Inductor the runner compiles its whole device
+    ``{"group_linears": False}`` turns that off. A one-row SwiGLU MLP's ``silu(gate(h)) * up(h)``
+    runs as one GEMV launch storing only the product where that is faster
+    (:func:`specdec.gemm_pick.fuse_swiglu`); ``{"fuse_swiglu": False}`` turns that off. With Inductor the runner compiles its whole device
     step (verify forward, acceptance, commit, append: :func:`specdec.generate.verify_step`) as one
     graph, so the step's ~90 small bookkeeping kernels are fused too (H200, 8B: verify(1) 4.437 ->
     4.276 ms); ``{"compile_step": False}`` compiles the forward alone, and so does ``freezing`` (the
@@ -473,10 +475,12 @@ def compiled_forward(compile, fn: Callable | None = None) -> Callable:
                 # programmatic dependent launch for Inductor's kernels and the specdec GEMVs (sm90+)
                 _inductor_pdl_wait_first()
                 options["triton.enable_pdl"] = True  # (the specdec kernels: the runner's pdl.on())
-            if options.pop("group_linears", True):
-                from .gemm_pick import GROUP_PASS
+            group, swiglu = options.pop("group_linears", True), options.pop("fuse_swiglu", True)
+            if group or swiglu:
+                from .gemm_pick import GROUP_PASS, LinearPass
 
-                options.setdefault("post_grad_custom_pre_pass", GROUP_PASS)
+                options.setdefault("post_grad_custom_pre_pass",
+                                   GROUP_PASS if group and swiglu else LinearPass(bool(group), bool(swiglu)))
             fn = torch.compile(target_fn, backend="inductor", options=options or None, fullgraph=True)
             if options.get("freezing"):
                 fn = _traced_with_freezing(fn)

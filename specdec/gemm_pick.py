@@ -35,6 +35,12 @@ Inductor pass :data:`GROUP_PASS` (:func:`group_linears`) replaces ``specdec::lin
 share their input by one ``specdec::linear_group`` call, and the picker times, per group shape, the
 separate calls (each with its own formulation) against the grouped GEMV / skinny launches
 (:func:`specdec.kernels.gemv.gemv_group`), keeping the faster.
+
+A SwiGLU MLP at one row, ``silu(gate(h)) * up(h)``, can run as one GEMV launch that stores only the
+product (:func:`specdec.kernels.gemv.gemv_swiglu`): the same pass (:func:`fuse_swiglu`, before the
+grouping) replaces the pattern by ``specdec::linear_swiglu``, and the picker times that launch
+against the gate/up linears' own best (grouped or not) plus the product's launch
+(:meth:`GemmPicker.swiglu_formulation`).
 """
 
 from __future__ import annotations
@@ -52,7 +58,8 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["GemmPicker", "FORMULATIONS", "GEMV_FORMULATIONS", "SKINNY_FORMULATIONS", "ENABLED", "linear_as", "applies", "shared_picker", "default_picker",
-           "SEPARATE", "group_applies", "linear_group_as", "group_linears", "GROUP_PASS"]
+           "SEPARATE", "group_applies", "linear_group_as", "group_linears", "GROUP_PASS", "linear_swiglu_as",
+           "fuse_swiglu", "LinearPass"]
 
 ENABLED = True  # process-wide default of ``CUDAGraphRunner(pick_gemm=None)`` (benchmarks' A/B switch)
 _N_CUBLAS = 3  # formulations 0-2; then one GEMV per launch shape, then one skinny GEMM per launch shape
@@ -174,6 +181,35 @@ def linear_group_as(x: Tensor, weights: list[Tensor], biases: list[Tensor | None
     raise ValueError(f"formulation {FORMULATIONS[formulation]!r} has no grouped call")
 
 
+def silu_mul(g: Tensor, u: Tensor) -> Tensor:
+    """``silu(g) * u`` rounded as the eager model rounds it (the SiLU, then the product): one Triton
+    launch where Triton runs (as Inductor would fuse it), else the two eager ops."""
+    if g.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        try:
+            from .kernels.gemv import silu_mul as kernel
+        except ImportError:
+            kernel = None
+        if kernel is not None:
+            return kernel(g, u)
+    return F.silu(g) * u
+
+
+def linear_swiglu_as(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None, b_up: Tensor | None,
+                     formulation: int, picker: "GemmPicker | None" = None) -> Tensor:
+    """``silu(x @ w_gate.T + b_gate) * (x @ w_up.T + b_up)``: a GEMV formulation as one launch that
+    stores only the product (:func:`specdec.kernels.gemv.gemv_swiglu`); :data:`SEPARATE`: the two
+    linears as ``picker`` runs them (grouped or not; else ``F.linear``), then the product."""
+    if formulation in GEMV_FORMULATIONS:
+        from .kernels.gemv import gemv_swiglu
+
+        return gemv_swiglu(x, w_gate, w_up, b_gate, b_up, _gemv_configs()[formulation - _N_CUBLAS])
+    if formulation != SEPARATE:
+        raise ValueError(f"formulation {FORMULATIONS[formulation]!r} has no SwiGLU launch")
+    ws, bs = [w_gate, w_up], [b_gate, b_up]
+    g, u = linear_group_as(x, ws, bs, picker.group_formulation(x, ws, bs) if picker is not None else SEPARATE, picker)
+    return silu_mul(g, u)
+
+
 def replay_us(graph: "torch.cuda.CUDAGraph", calls: int, trials: int = 5) -> float:
     """µs per call of a captured graph of ``calls`` calls: median over ``trials`` replays."""
     ts = []
@@ -198,14 +234,20 @@ class GemmPicker:
         timer: ``timer(x [M, K], weight, bias) -> µs per formulation``; default: CUDA-graph timing.
         group_timer: ``group_timer(x [M, K], weights, biases) -> µs per formulation`` of a grouped
             launch (formulations without a grouped call are ignored); default: CUDA-graph timing.
+        swiglu_timer: ``swiglu_timer(x [M, K], w_gate, w_up, b_gate, b_up) -> (µs per formulation of
+            the one-launch SwiGLU (GEMVs only), µs of the separate SiLU-product launch)``; default:
+            CUDA-graph timing, or with a ``timer`` given, never the one launch.
     """
 
     def __init__(self, reps: int = 16, trials: int = 5, device_types: tuple[str, ...] = ("cuda",), timer=None,
-                 group_timer=None):
+                 group_timer=None, swiglu_timer=None):
         self.reps, self.trials = reps, trials
         self.device_types = tuple(device_types)
         self._timer = timer or self._time
         self._group_timer = group_timer or self._time_group
+        # (a given ``timer`` without a ``swiglu_timer``: the one launch never applies)
+        self._swiglu_timer = swiglu_timer or (self._time_swiglu if timer is None else
+                                              lambda x, *w: ((float("inf"),) * len(FORMULATIONS), 0.0))
         self.choice: dict[tuple, int] = {}  # shape key -> formulation index (groups: or SEPARATE)
         self.timings: dict[tuple, tuple[float, ...]] = {}  # shape key -> µs per call, per formulation
         self.separate_us: dict[tuple, float] = {}  # group key -> µs of its linears one by one
@@ -253,6 +295,44 @@ class GemmPicker:
             f = best if t[best] < _MIN_GAIN * sep else SEPARATE
             self.choice[key] = f
         return f
+
+    def swiglu_formulation(self, x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None,
+                           b_up: Tensor | None) -> int:
+        """:data:`SEPARATE` or the GEMV launch computing ``silu(gate(x)) * up(x)`` at once (one row),
+        timed against the gate/up linears' own best (grouped or not) plus the product's launch."""
+        key = self._key(x, ("swiglu", w_gate.shape[0]), b_gate is not None)
+        f = self.choice.get(key)
+        if f is None:
+            if x.is_cuda and torch.cuda.is_current_stream_capturing():
+                return SEPARATE
+            ws, bs = [w_gate, w_up], [b_gate, b_up]
+            sep = 0.0
+            for w, b in zip(ws, bs):
+                fi = self.formulation(x, w, b)
+                sep += self.timings.get(self._key(x, w.shape[0], b is not None), (0.0,) * (fi + 1))[fi]
+            fg = self.group_formulation(x, ws, bs)
+            if fg != SEPARATE:
+                sep = self.timings[self._key(x, (w_gate.shape[0], w_up.shape[0]), b_gate is not None)][fg]
+            M, K = key[2], key[4]
+            t, t_prod = self._swiglu_timer(x.reshape(M, K), w_gate, w_up, b_gate, b_up)
+            t = tuple(ti if i in GEMV_FORMULATIONS and M == 1 and applies(i, x, w_gate) else float("inf")
+                      for i, ti in enumerate(t))
+            self.timings[key], self.separate_us[key] = t, sep + t_prod
+            best = min(range(len(t)), key=t.__getitem__)
+            f = best if t[best] < _MIN_GAIN * (sep + t_prod) else SEPARATE
+            self.choice[key] = f
+        return f
+
+    def _time_swiglu(self, x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None,
+                     b_up: Tensor | None) -> tuple[tuple[float, ...], float]:
+        ok = [f in GEMV_FORMULATIONS and applies(f, x, w_gate) for f in range(len(FORMULATIONS))]
+        out_bytes = x.shape[0] * w_gate.shape[0] * x.element_size()
+        fused = self._time_calls([w_gate, w_up], out_bytes, ok,
+                                 lambda f, ws: linear_swiglu_as(x, ws[0], ws[1], b_gate, b_up, f))
+        g = x.new_empty(x.shape[0], w_gate.shape[0]).normal_()
+        prod = self._time_calls([g], out_bytes, [True] + [False] * (len(FORMULATIONS) - 1),
+                                lambda f, gs: silu_mul(gs[0], g))[0]
+        return fused, prod
 
     def _time(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[float, ...]:
         ok = [applies(f, x, weight) for f in range(len(FORMULATIONS))]
@@ -304,7 +384,10 @@ class GemmPicker:
             _, dt, M, N, K, b = key
             f = self.choice[key]
             us = {FORMULATIONS[i]: round(x, 2) for i, x in enumerate(t) if x != float("inf")}
-            if isinstance(N, tuple):
+            if isinstance(N, tuple) and N[0] == "swiglu":
+                us["separate"] = round(self.separate_us[key], 2)
+                N = f"swiglu({N[1]}+{N[1]})"
+            elif isinstance(N, tuple):
                 us["separate"] = round(self.separate_us[key], 2)
                 N = "+".join(map(str, N))
             out[f"{dt} {M}x{N}x{K}{'+bias' if b else ''}"] = dict(
@@ -376,6 +459,19 @@ def _(x, weights, biases, picker):
     return [x.new_empty(*x.shape[:-1], w.shape[0]) for w in weights]
 
 
+@torch.library.custom_op("specdec::linear_swiglu", mutates_args=())
+def _linear_swiglu_op(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None, b_up: Tensor | None,
+                      picker: int) -> Tensor:
+    with torch._C.DisableTorchFunction():
+        p = _PICKERS[picker]
+        return linear_swiglu_as(x, w_gate, w_up, b_gate, b_up, p.swiglu_formulation(x, w_gate, w_up, b_gate, b_up), p)
+
+
+@_linear_swiglu_op.register_fake
+def _(x, w_gate, w_up, b_gate, b_up, picker):
+    return x.new_empty(*x.shape[:-1], w_gate.shape[0])
+
+
 def group_linears(graph: torch.fx.Graph) -> int:
     """Replace ``specdec::linear`` calls that share their input (and picker, and whether they have a
     bias) by ``specdec::linear_group`` calls of up to ``MAX_GROUP`` linears each, in graph order.
@@ -413,6 +509,92 @@ def group_linears(graph: torch.fx.Graph) -> int:
     return made
 
 
+def _silu_input(node) -> "tuple[torch.fx.Node, set] | None":
+    """``(g, nodes)`` if ``node`` computes ``silu(g)`` in ``g``'s dtype (as ``aten.silu``, or
+    decomposed: ``g / (1 + exp(-g))`` or ``g * sigmoid(g)``, optionally in fp32 between two dtype
+    casts) with the nodes in ``nodes`` (``node`` included), else None."""
+    aten, prims = torch.ops.aten, torch.ops.prims
+    cast = prims.convert_element_type.default
+
+    def val(n):
+        return n.meta.get("val") if isinstance(n, torch.fx.Node) else None
+
+    def is_op(n, *targets):
+        return isinstance(n, torch.fx.Node) and n.op == "call_function" and n.target in targets
+
+    out = node
+    nodes = {node}
+    if is_op(out, cast):
+        out = out.args[0]
+    if is_op(out, aten.silu.default):
+        c = out.args[0]
+    elif is_op(out, aten.div.Tensor) and is_op(out.args[1], aten.add.Tensor):
+        c, add = out.args
+        e = next((a for a in add.args if is_op(a, aten.exp.default)), None)
+        one = next((a for a in add.args if a is not e), None)
+        if e is None or one != 1 or not is_op(e.args[0], aten.neg.default) or e.args[0].args[0] is not c:
+            return None
+        nodes |= {add, e, e.args[0]}
+    elif is_op(out, aten.mul.Tensor) and any(is_op(a, aten.sigmoid.default) for a in out.args):
+        s = next(a for a in out.args if is_op(a, aten.sigmoid.default))
+        c = next((a for a in out.args if a is not s), None)
+        if s.args[0] is not c:
+            return None
+        nodes.add(s)
+    else:
+        return None
+    nodes.add(out)
+    g = c.args[0] if is_op(c, cast) else c
+    if c is not g:
+        nodes.add(c)
+    vg, vn = val(g), val(node)
+    if vg is None or vn is None or vg.dtype != vn.dtype or vg.shape != vn.shape:
+        return None  # (the SiLU's output must come back in g's own dtype, as F.silu(g) returns it)
+    if any(set(n.users) - nodes for n in nodes - {node}):
+        return None  # an intermediate is used elsewhere
+    return g, nodes
+
+
+def fuse_swiglu(graph: torch.fx.Graph) -> int:
+    """Replace a one-row SwiGLU, ``silu(linear(x, Wg, bg)) * linear(x, Wu, bu)`` (both linears
+    ``specdec::linear`` of one input, used only there), by ``specdec::linear_swiglu(x, Wg, Wu, bg,
+    bu)``; returns how many. Run before :func:`group_linears`. Trees (several rows) keep the grouped
+    linears and Inductor's product kernel (the one launch is a GEMV: one row)."""
+    linear, mul = torch.ops.specdec.linear.default, torch.ops.aten.mul.Tensor
+    made = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not mul or len(node.args) != 2:
+            continue
+        for s, u in (node.args, node.args[::-1]):
+            g, chain = _silu_input(s) or (None, set())
+            if (isinstance(g, torch.fx.Node) and isinstance(u, torch.fx.Node) and g.target is linear
+                    and u.target is linear and g is not u and len(u.users) == 1 and set(g.users) <= chain
+                    and len(s.users) == 1):
+                gx, wg, bg, pg = _op_args(g, ("x", "weight", "bias", "picker"))
+                ux, wu, bu, pu = _op_args(u, ("x", "weight", "bias", "picker"))
+                vg, vu, vm = g.meta.get("val"), u.meta.get("val"), node.meta.get("val")
+                if (gx is ux and pg == pu and (bg is None) == (bu is None) and vg is not None and vu is not None
+                        and vm is not None and vg.shape == vu.shape == vm.shape and vg.dtype == vu.dtype == vm.dtype
+                        and vm.numel() == vm.shape[-1]):
+                    break
+        else:
+            continue
+        with graph.inserting_before(node):
+            fused = graph.call_function(torch.ops.specdec.linear_swiglu.default, (gx, wg, wu, bg, bu, pg))
+        fused.meta.update({k: v for k, v in node.meta.items() if k != "eager_input_vals"})  # (the mul's args)
+        node.replace_all_uses_with(fused)
+        graph.erase_node(node)
+        todo, gone = [s, u], set()  # the SiLU chain and the two linears, now unused
+        while todo:
+            n = todo.pop()
+            if n is not gx and n not in gone and not n.users and n.op == "call_function":
+                todo += n.all_input_nodes
+                graph.erase_node(n)
+                gone.add(n)
+        made += 1
+    return made
+
+
 def _op_args(node: torch.fx.Node, names: tuple[str, ...]) -> list:
     args = list(node.args)
     return args + [node.kwargs.get(n) for n in names[len(args):]]
@@ -424,14 +606,22 @@ except ImportError:  # an Inductor without custom pass hashing: a plain callable
     CustomGraphPass, get_hash_for_files = object, None
 
 
-class _GroupPass(CustomGraphPass):
-    """:func:`group_linears` as an Inductor ``post_grad_custom_pre_pass`` (hashable for its cache)."""
+class LinearPass(CustomGraphPass):
+    """:func:`fuse_swiglu` and / or :func:`group_linears` as an Inductor ``post_grad_custom_pre_pass``
+    (hashable for its cache)."""
+
+    def __init__(self, group: bool = True, swiglu: bool = True):
+        self.group, self.swiglu = group, swiglu
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        group_linears(graph)
+        if self.swiglu:
+            fuse_swiglu(graph)
+        if self.group:
+            group_linears(graph)
 
     def uuid(self):
-        return get_hash_for_files((os.path.abspath(__file__),)) if get_hash_for_files else None
+        h = get_hash_for_files((os.path.abspath(__file__),)) if get_hash_for_files else None
+        return None if h is None else (h, self.group, self.swiglu)
 
 
-GROUP_PASS = _GroupPass()
+GROUP_PASS = LinearPass()

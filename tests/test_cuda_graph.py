@@ -495,3 +495,31 @@ def test_fp32_tf32x3_tree_attention_error_cuda(N, prefix, L):
     err = {dot: (tree_attention(q, k, v, pl, packed, N, config={"dot": dot}).double() - ref).abs().max().item()
            for dot in ("ieee", "tf32x3")}
     assert err["tf32x3"] <= 3 * err["ieee"] + 2e-7, err  # (plain TF32 would be ~1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("compile", [True, {"pdl": True}])
+def test_swiglu_one_launch_graph_replay_matches_eager_cuda(compile):
+    """The one-token step with the SwiGLU MLP as one GEMV launch (forced by the picker's timer; PDL
+    too on sm90+): same tokens as the eager loop (fp32), AR and tree drafts."""
+    import copy
+
+    from specdec.gemm_pick import FORMULATIONS, GEMV_FORMULATIONS, GemmPicker
+    from verifiers import SDPAVerifier
+
+    if isinstance(compile, dict) and not _sm90():
+        pytest.skip("programmatic dependent launch needs sm90+")
+    gemv = GEMV_FORMULATIONS[0]
+    forced = lambda x, *w: (tuple(1e-3 if f == gemv else float("inf") for f in range(len(FORMULATIONS))), 1.0)
+    picker = GemmPicker(swiglu_timer=forced)
+    torch._dynamo.reset()  # (compiled code of earlier tests has another picker's index baked in)
+    model = copy.deepcopy(tiny_model("llama", seed=11)).cuda()
+    prompt = _prompt(seed=5).cuda()
+    ref = specdec.generate(model, prompt, max_new_tokens=NEW, cuda_graphs=False)
+    runner = CUDAGraphRunner(model, SDPAVerifier(), verify_step, 1, 128, buckets=(1, 4, 16), compile=compile,
+                             pick_gemm=picker)
+    for name in ("ar", "replay-tree"):
+        out = specdec.generate(model, prompt, drafter=_drafters(model, ref.new_tokens[0])[name], max_new_tokens=NEW,
+                               budget=6, verifier=SDPAVerifier(), cuda_graphs=runner)
+        assert out.new_tokens == ref.new_tokens
+    assert [f for k, f in picker.choice.items() if isinstance(k[3], tuple) and k[3][0] == "swiglu"] == [gemv]

@@ -415,6 +415,185 @@ def test_compiled_forward_runs_grouped_linears():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     cfg = model.config
     H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
-    groups = {k[3] for k in picker.choice if isinstance(k[3], tuple)}
+    groups = {k[3] for k in picker.choice if isinstance(k[3], tuple) and k[3][0] != "swiglu"}
     assert groups == {(H * D, Hkv * D, Hkv * D), (cfg.intermediate_size, cfg.intermediate_size)}
-    assert all(picker.choice[k] == gemv for k in picker.choice if isinstance(k[3], tuple))
+    assert all(picker.choice[(*k[:3], n, *k[4:])] == gemv for k in picker.choice for n in groups if k[3] == n)
+
+
+# ---------------------------------------------------------------- one-row SwiGLU: gate, up and the SiLU product in one launch
+class _FakeSwigluTimer:
+    """One-launch µs per formulation and the SiLU-product launch's µs; records the shapes."""
+
+    def __init__(self, fused, product):
+        self.fused, self.product, self.calls = tuple(fused) + (float("inf"),) * (_N - len(fused)), product, []
+
+    def __call__(self, x, w_gate, w_up, b_gate, b_up):
+        self.calls.append((x.shape[0], w_gate.shape[0], x.shape[1]))
+        return self.fused, self.product
+
+
+def _gemv_cfg(f):
+    from specdec.kernels.gemv import GEMV_CONFIGS
+
+    return GEMV_CONFIGS[f - GEMV_FORMULATIONS[0]]
+
+
+def _rounded(t: torch.Tensor, dtype) -> torch.Tensor:
+    return t.to(dtype)  # (torch rounds to nearest even)
+
+
+@pytest.mark.skipif(not _INTERP, reason="the Triton GEMV runs on CPU tensors only under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gemv_swiglu_matches_reference(dtype):
+    """One launch computes ``silu(x Wg^T + bg) * (x Wu^T + bu)`` with gate, up, SiLU and product each
+    rounded to the dtype as the eager ops round them (16-bit: equal to the eager ops applied to the
+    exactly rounded linears, up to a rounding of the fp32 sums); every launch shape, K and N off the
+    blocks, with and without biases; the SiLU-product launch equals ``F.silu(g) * u``."""
+    from specdec.gemm_pick import linear_swiglu_as, silu_mul
+
+    gen = torch.Generator().manual_seed(21)
+    for N, K in ((37, 300), (70, 2100)):
+        x = torch.randn(1, 1, K, generator=gen).to(dtype)
+        wg, wu = ((torch.randn(N, K, generator=gen) / K ** 0.5 * 2).to(dtype) for _ in range(2))
+        for bg, bu in ((None, None), (torch.randn(N, generator=gen).to(dtype), torch.randn(N, generator=gen).to(dtype))):
+            lin = lambda w, b: _rounded(x.double() @ w.double().T + (b.double() if b is not None else 0), dtype)
+            g, u = lin(wg, bg), lin(wu, bu)  # [1, 1, N], each exactly rounded
+            ref = F.silu(g) * u
+            for f in GEMV_FORMULATIONS:
+                y = linear_swiglu_as(x, wg, wu, bg, bu, f)
+                assert y.shape == (1, 1, N) and y.dtype == dtype
+                tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -6, atol=2 ** -8)
+                torch.testing.assert_close(y, ref, **tol)
+            sep = linear_swiglu_as(x, wg, wu, bg, bu, SEPARATE)
+            exact = dict(rtol=0, atol=0) if dtype != torch.float32 else dict(rtol=1e-6, atol=1e-6)  # (fp32: exp's last bit)
+            torch.testing.assert_close(sep, F.silu(F.linear(x, wg, bg)) * F.linear(x, wu, bu), **exact)
+            torch.testing.assert_close(silu_mul(g, u), ref, **exact)
+    with pytest.raises(ValueError, match="no SwiGLU launch"):
+        linear_swiglu_as(x, wg, wu, None, None, 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gemv_swiglu_cuda(dtype):
+    """On the GPU (Triton's fast exp): the one launch stays within an output rounding of the eager
+    ``F.silu(gate) * up`` of the plain GEMVs, at a Llama-3-8B MLP shape."""
+    from specdec.gemm_pick import linear_swiglu_as
+    from specdec.kernels.gemv import gemv
+
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    N, K = 14336, 4096
+    x = torch.randn(1, 1, K, generator=gen, device="cuda").to(dtype)
+    wg, wu = ((torch.randn(N, K, generator=gen, device="cuda") / K ** 0.5 * 2).to(dtype) for _ in range(2))
+    for f in GEMV_FORMULATIONS:
+        ref = F.silu(gemv(x, wg, None, _gemv_cfg(f))) * gemv(x, wu, None, _gemv_cfg(f))
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2 ** -9)
+        torch.testing.assert_close(linear_swiglu_as(x, wg, wu, None, None, f), ref, **tol)
+
+
+@pytest.mark.skipif(not _INTERP, reason="the GEMV applies to CPU tensors only under TRITON_INTERPRET=1")
+def test_swiglu_choice_follows_timings_with_a_margin():
+    """The one launch is used only when it beats the gate/up linears' best (here grouped, 6 µs)
+    plus the product launch (1 µs) by > 3 %, for one row only; each shape is timed once and listed
+    in the summary."""
+    x, wg, wu = torch.randn(1, 1, 16), torch.randn(5, 16), torch.randn(5, 16)
+    gemv = GEMV_FORMULATIONS[0]
+    for fused_us, want in ((6.8, SEPARATE), (6.7, gemv), (float("inf"), SEPARATE)):
+        st = _FakeSwigluTimer((1.0, 1.0, 1.0) + (float("inf"),) * (gemv - 3) + (fused_us,), 1.0)
+        p = GemmPicker(device_types=("cpu",), timer=_FakeTimer((4.0, 5.0, 6.0)),
+                       group_timer=_FakeGroupTimer((float("inf"),) * gemv + (6.0,)), swiglu_timer=st)
+        for _ in range(2):
+            assert p.swiglu_formulation(x, wg, wu, None, None) == want
+        assert st.calls == [(1, 5, 16)]
+    s = p.summary()["float32 1xswiglu(5+5)x16"]
+    assert s["pick"] == "separate" and s["us"]["separate"] == 7.0
+    st = _FakeSwigluTimer((float("inf"),) * gemv + (0.1,), 1.0)
+    p = GemmPicker(device_types=("cpu",), timer=_FakeTimer((4.0, 5.0, 6.0)),
+                   group_timer=_FakeGroupTimer((float("inf"),) * _N), swiglu_timer=st)
+    assert p.swiglu_formulation(x.expand(1, 4, 16), wg, wu, None, None) == SEPARATE  # several rows
+
+
+@pytest.mark.parametrize("form", ["silu", "decomposed", "sigmoid"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_swiglu_pass_finds_the_mlp(form, rows):
+    """:func:`fuse_swiglu` replaces ``silu(linear(h, Wg)) * linear(h, Wu)`` at one row, in each form a
+    SiLU takes in a post-grad graph (bf16 computed in fp32 between two casts), and nothing at several
+    rows, nor when the product is of two inputs or the SiLU stays in fp32; results are unchanged."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from specdec.gemm_pick import _PICKERS, fuse_swiglu
+
+    picker = GemmPicker(device_types=("cpu",), timer=_FakeTimer((1.0, 5.0, 6.0)),
+                        group_timer=_FakeGroupTimer((float("inf"),) * _N))  # no one launch, no grouped launch
+    with picker.mode():
+        pass  # registers the picker
+    index = next(i for i, p in enumerate(_PICKERS) if p is picker)
+    prims = torch.ops.prims
+
+    def silu(x):
+        if form == "silu":
+            return torch.ops.aten.silu(x)
+        xf = prims.convert_element_type(x, torch.float32)
+        y = xf / (torch.ops.aten.exp(torch.ops.aten.neg(xf)) + 1) if form == "decomposed" else xf * torch.sigmoid(xf)
+        return prims.convert_element_type(y, x.dtype)
+
+    def mlp(h, wg, wu, wd):
+        gate = torch.ops.specdec.linear(h, wg, None, index)
+        up = torch.ops.specdec.linear(h, wu, None, index)
+        return torch.ops.specdec.linear(silu(gate) * up, wd, None, index)
+
+    gen = torch.Generator().manual_seed(5)
+    args = [torch.randn(1, rows, 8, generator=gen).bfloat16(), torch.randn(12, 8, generator=gen).bfloat16(),
+            torch.randn(12, 8, generator=gen).bfloat16(), torch.randn(8, 12, generator=gen).bfloat16()]
+    gm = make_fx(mlp)(*args)
+    assert fuse_swiglu(gm.graph) == (1 if rows == 1 else 0)
+    gm.graph.lint()
+    gm.recompile()
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.specdec.linear_swiglu.default) == (1 if rows == 1 else 0)
+    assert targets.count(torch.ops.specdec.linear.default) == (1 if rows == 1 else 3)
+    if rows == 1:
+        assert not any(t in targets for t in (torch.ops.aten.exp.default, torch.ops.aten.silu.default,
+                                              torch.ops.aten.sigmoid.default, torch.ops.aten.mul.Tensor))
+    torch.testing.assert_close(gm(*args), mlp(*args), rtol=0, atol=0)
+
+    def two_inputs(h, wg, wu, wd):  # gate and up of different inputs: not a SwiGLU of one input
+        gate = torch.ops.specdec.linear(h, wg, None, index)
+        up = torch.ops.specdec.linear(h * 2, wu, None, index)
+        return torch.ops.specdec.linear(silu(gate) * up, wd, None, index)
+
+    def fp32_silu(h, wg, wu, wd):  # a SiLU left in fp32 (no cast back to the gate's dtype)
+        gate = torch.ops.specdec.linear(h, wg, None, index)
+        up = torch.ops.specdec.linear(h, wu, None, index)
+        s = prims.convert_element_type(gate, torch.float32)
+        return torch.ops.specdec.linear((s * torch.sigmoid(s) * up).bfloat16(), wd, None, index)
+
+    for f in (two_inputs, fp32_silu):
+        assert fuse_swiglu(make_fx(f)(*args).graph) == 0
+
+
+@pytest.mark.skipif(not _INTERP, reason="the Triton GEMV runs on CPU tensors only under TRITON_INTERPRET=1")
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="Inductor on CPU needs a C compiler")
+@pytest.mark.parametrize("fuse", [True, False])
+def test_compiled_forward_runs_the_swiglu_in_one_launch(fuse):
+    """compile=True: a Llama's one-token MLP runs gate, up and the SiLU product as one GEMV launch
+    when that times faster (``{"fuse_swiglu": False}``: never); the logits stay the plain model's; a
+    several-token forward keeps the grouped linears."""
+    from specdec.cuda_graph import compiled_forward
+
+    model = tiny_model("llama", seed=4)
+    gemv = GEMV_FORMULATIONS[0]
+    picker = GemmPicker(device_types=("cpu",), timer=_FakeTimer((10.0, 11.0, 12.0)),
+                        group_timer=_FakeGroupTimer((float("inf"),) * _N),
+                        swiglu_timer=_FakeSwigluTimer((float("inf"),) * gemv + (1.0,), 5.0))
+    for n in (1, 3):
+        ids = torch.randint(3, 256, (1, n), generator=torch.Generator().manual_seed(2))
+        with torch.inference_mode():
+            ref = model(input_ids=ids).logits
+            torch._dynamo.reset()
+            with picker.mode():
+                out = compiled_forward(True if fuse else {"fuse_swiglu": False})(model, input_ids=ids).logits
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    fused = {k: f for k, f in picker.choice.items() if isinstance(k[3], tuple) and k[3][0] == "swiglu"}
+    cfg = model.config
+    assert fused == ({(None, "float32", 1, ("swiglu", cfg.intermediate_size), cfg.hidden_size, False): gemv}
+                     if fuse else {})

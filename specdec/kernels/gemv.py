@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import pdl as _pdl
 
-__all__ = ["gemv", "gemv_group", "GEMV_CONFIGS", "MAX_GROUP"]
+__all__ = ["gemv", "gemv_group", "gemv_swiglu", "silu_mul", "GEMV_CONFIGS", "MAX_GROUP"]
 
 MAX_GROUP = 4  # linears of one input in one launch (q/k/v, gate/up)
 
@@ -173,3 +173,143 @@ def gemv_group(x: Tensor, weights: list[Tensor], biases: list[Tensor | None] | N
 
     _pdl.launch(launch, x.device)
     return outs
+
+
+@triton.jit
+def _round_as(x, dtype: tl.constexpr):
+    """fp32 ``x`` rounded to ``dtype`` (nearest, ties to even, as torch rounds), kept in fp32. bf16 by
+    its bits, because Triton's interpreter truncates a plain fp32 -> bf16 cast."""
+    if dtype == tl.bfloat16:
+        b = x.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        return b.to(tl.float32, bitcast=True)
+    elif dtype == tl.float16:
+        return x.to(tl.float16, fp_downcast_rounding="rtne").to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
+def _silu_mul_rounded(g, u, dtype: tl.constexpr):
+    """``silu(g) * u`` from fp32 ``g``, ``u`` already rounded to ``dtype``: the SiLU and the product
+    each rounded to ``dtype``, as the two eager ops ``F.silu(g) * u`` round them."""
+    s = _round_as(g / (1.0 + tl.exp(-g)), dtype)
+    return _round_as(s * u, dtype)
+
+
+@triton.jit
+def _gemv_swiglu(
+    X, K, stride_wn, WG, WU, Y, BG, BU, N,
+    HAS_BIAS: tl.constexpr,
+    ROWS: tl.constexpr,  # rows of each matrix per program (a tile of 2 * ROWS rows, as a GEMV's BLOCK_N)
+    BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    # program ``pid`` owns ROWS rows of the gate AND the same rows of the up projection, streamed as
+    # ONE [2 * ROWS, BLOCK_K] tile per chunk (rows 0..ROWS-1 from the gate, the rest from the up
+    # projection), so the SiLU product of its outputs is formed here and only it is stored
+    r2 = tl.arange(0, 2 * ROWS)  # [2 * ROWS]
+    is_up = r2 >= ROWS
+    rn = tl.program_id(0) * ROWS + (r2 % ROWS)  # weight row of either matrix
+    n_ok = rn < N
+    off = rn.to(tl.int64)[:, None] * stride_wn  # [2 * ROWS, 1]
+    rows = tl.where(is_up[:, None], WU + off, WG + off)
+    acc = tl.zeros((2 * ROWS, BLOCK_K), dtype=tl.float32)
+    k_start = 0
+    if PDL:  # (see _gemv: the first weight chunk before the wait)
+        rk = tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        w = tl.load(rows + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
+        tl.extra.cuda.gdc_wait()
+        x = tl.load(X + rk, mask=k_ok, other=0.0).to(tl.float32)
+        acc += w.to(tl.float32) * x[None, :]
+        k_start = BLOCK_K
+    for k0 in range(k_start, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+        k_ok = rk < K
+        x = tl.load(X + rk, mask=k_ok, other=0.0).to(tl.float32)
+        w = tl.load(rows + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
+                    eviction_policy="evict_first")  # [2 * ROWS, BLOCK_K]
+        acc += w.to(tl.float32) * x[None, :]
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    y = tl.sum(acc, axis=1)  # [2 * ROWS]: gate rows, then up rows
+    if HAS_BIAS:  # (the bias added in fp32 before the rounding, as F.linear's epilogue does)
+        y += tl.load(tl.where(is_up, BU, BG) + rn, mask=n_ok, other=0.0).to(tl.float32)
+    dt: tl.constexpr = Y.dtype.element_ty
+    y = tl.reshape(_round_as(y, dt), (2, ROWS))
+    half = tl.arange(0, 2)[:, None]  # [2, 1]
+    g = tl.sum(tl.where(half == 0, y, 0.0), axis=0)  # [ROWS]
+    u = tl.sum(tl.where(half == 1, y, 0.0), axis=0)
+    m = _silu_mul_rounded(g, u, dt)
+    ro = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    tl.store(Y + ro, m.to(dt), mask=ro < N)
+
+
+def gemv_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None = None, b_up: Tensor | None = None,
+                config: dict | None = None) -> Tensor:
+    """``silu(x @ w_gate.T + b_gate) * (x @ w_up.T + b_up)`` for one row, in ONE launch.
+
+    A SwiGLU MLP (Llama, Mistral, Qwen: ``down(silu(gate(h)) * up(h))``) at one token: each program
+    streams ``BLOCK_N / 2`` rows of the gate and the same rows of the up projection as one tile of
+    the config's ``BLOCK_N`` rows (the plain GEMV's tile shape), and stores only the
+    SiLU product (each of gate, up, SiLU and product rounded to the dtype as the eager ops round
+    them), so the product needs no kernel of its own between the GEMVs.
+
+    Args:
+        x: ``[..., K]``, one row in all; w_gate, w_up: ``[N, K]``, contiguous rows, one row stride.
+    Returns:
+        ``[..., N]`` in ``x``'s dtype.
+    """
+    K = x.shape[-1]
+    N = w_gate.shape[0]
+    if x.numel() != K:
+        raise ValueError(f"gemv_swiglu takes one row of {K} features, got x of shape {tuple(x.shape)}")
+    if w_up.shape != w_gate.shape or w_gate.shape[1] != K or w_gate.stride() != w_up.stride() or w_gate.stride(1) != 1:
+        raise ValueError("gemv_swiglu needs gate and up weights [N, K] of one shape with contiguous rows")
+    if (b_gate is None) != (b_up is None):
+        raise ValueError("gemv_swiglu: give both biases or none")
+    cfg = dict(config or GEMV_CONFIGS[0])
+    rows = max(1, cfg["BLOCK_N"] // 2)
+    xc = x.reshape(K).contiguous()
+    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    bg = b_gate if b_gate is not None else y
+    bu = b_up if b_up is not None else y
+
+    def launch(pdl: bool):
+        _gemv_swiglu[(triton.cdiv(N, rows),)](
+            xc, K, w_gate.stride(0), w_gate, w_up, y, bg, bu, N,
+            HAS_BIAS=b_gate is not None, ROWS=rows, BLOCK_K=cfg["BLOCK_K"], PDL=pdl,
+            num_warps=cfg["num_warps"], num_stages=1, **(dict(launch_pdl=True) if pdl else {}),
+        )
+
+    _pdl.launch(launch, x.device)
+    return y
+
+
+@triton.jit
+def _silu_mul_kernel(G, U, Y, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = r < n
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    g = tl.load(G + r, mask=ok, other=0.0)
+    u = tl.load(U + r, mask=ok, other=0.0).to(tl.float32)
+    y = _silu_mul_rounded(g.to(tl.float32), u, g.dtype)
+    tl.store(Y + r, y.to(g.dtype), mask=ok)
+
+
+def silu_mul(g: Tensor, u: Tensor) -> Tensor:
+    """``F.silu(g) * u`` in one launch (rounded as the two eager ops round), contiguous inputs."""
+    if g.shape != u.shape or g.dtype != u.dtype:
+        raise ValueError(f"silu_mul: {tuple(g.shape)} {g.dtype} and {tuple(u.shape)} {u.dtype} differ")
+    gc, uc = g.contiguous(), u.contiguous()
+    y = torch.empty_like(gc)
+    n, block = gc.numel(), 1024
+
+    def launch(pdl: bool):
+        _silu_mul_kernel[(triton.cdiv(n, block),)](gc, uc, y, n, BLOCK=block, PDL=pdl, num_warps=4,
+                                                    **(dict(launch_pdl=True) if pdl else {}))
+
+    _pdl.launch(launch, g.device)
+    return y
