@@ -251,7 +251,7 @@ def _graph_rows(args, graphs: Graphs, model, ids, verifier, eager, R0: dict, com
     R["repeats"] = max(1, args.repeats)
     try:
         ar = _median_run(args, lambda: specdec.generate(model, ids, max_new_tokens=NEW, verifier=verifier, **gk, **no_eos))
-        _graph_rows_timed(args, graphs, model, ids, verifier, eager, R0, R, ar, gk, tag)
+        _graph_rows_timed(args, graphs, model, ids, verifier, eager, R0, R, ar, gk, tag, compiled)
     finally:
         R["full_gc_while_timed"] = gc.get_stats()[2]["collections"] - full_gcs
         gc.unfreeze()
@@ -263,13 +263,13 @@ def _median_run(args, call):
     return runs[len(runs) // 2]
 
 
-def _graph_rows_timed(args, graphs, model, ids, verifier, eager, R0, R, ar, gk, tag) -> None:
+def _graph_rows_timed(args, graphs, model, ids, verifier, eager, R0, R, ar, gk, tag, compiled) -> None:
+    """The rows of :func:`_graph_rows` after its timed AR run ``ar``."""
     from drafters import Replay
 
-    T, NEW = args.prompt_len_8b, args.new_8b
-    need = T + NEW
+    NEW = args.new_8b
+    need = args.prompt_len_8b + NEW
     no_eos = dict(eos_token_id=-1)
-    compiled = bool(tag)
     R["specdec_ar_tpot_s"] = ar.stats.tpot_s
     R["specdec_ar_vs_floor"] = ar.stats.tpot_s / R0["floor_s"]
     R["ar_graph_eq_eager"] = ar.new_tokens[0][: len(eager.new_tokens[0])] == eager.new_tokens[0]

@@ -187,9 +187,9 @@ def silu_mul(g: Tensor, u: Tensor) -> Tensor:
     if g.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
         try:
             from .kernels.gemv import silu_mul as kernel
-        except ImportError:
-            kernel = None
-        if kernel is not None:
+        except ImportError:  # no Triton
+            pass
+        else:
             return kernel(g, u)
     return F.silu(g) * u
 
@@ -306,13 +306,9 @@ class GemmPicker:
             if x.is_cuda and torch.cuda.is_current_stream_capturing():
                 return SEPARATE
             ws, bs = [w_gate, w_up], [b_gate, b_up]
-            sep = 0.0
-            for w, b in zip(ws, bs):
-                fi = self.formulation(x, w, b)
-                sep += self.timings.get(self._key(x, w.shape[0], b is not None), (0.0,) * (fi + 1))[fi]
-            fg = self.group_formulation(x, ws, bs)
-            if fg != SEPARATE:
-                sep = self.timings[self._key(x, (w_gate.shape[0], w_up.shape[0]), b_gate is not None)][fg]
+            fg = self.group_formulation(x, ws, bs)  # (times the pair grouped and one by one)
+            gkey = self._key(x, (w_gate.shape[0], w_up.shape[0]), b_gate is not None)
+            sep = self.separate_us[gkey] if fg == SEPARATE else self.timings[gkey][fg]
             M, K = key[2], key[4]
             t, t_prod = self._swiglu_timer(x.reshape(M, K), w_gate, w_up, b_gate, b_up)
             t = tuple(ti if i in GEMV_FORMULATIONS and M == 1 and applies(i, x, w_gate) else float("inf")

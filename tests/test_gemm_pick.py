@@ -438,10 +438,6 @@ def _gemv_cfg(f):
     return GEMV_CONFIGS[f - GEMV_FORMULATIONS[0]]
 
 
-def _rounded(t: torch.Tensor, dtype) -> torch.Tensor:
-    return t.to(dtype)  # (torch rounds to nearest even)
-
-
 @pytest.mark.skipif(not _INTERP, reason="the Triton GEMV runs on CPU tensors only under TRITON_INTERPRET=1")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_gemv_swiglu_matches_reference(dtype):
@@ -456,7 +452,7 @@ def test_gemv_swiglu_matches_reference(dtype):
         x = torch.randn(1, 1, K, generator=gen).to(dtype)
         wg, wu = ((torch.randn(N, K, generator=gen) / K ** 0.5 * 2).to(dtype) for _ in range(2))
         for bg, bu in ((None, None), (torch.randn(N, generator=gen).to(dtype), torch.randn(N, generator=gen).to(dtype))):
-            lin = lambda w, b: _rounded(x.double() @ w.double().T + (b.double() if b is not None else 0), dtype)
+            lin = lambda w, b: (x.double() @ w.double().T + (b.double() if b is not None else 0)).to(dtype)
             g, u = lin(wg, bg), lin(wu, bu)  # [1, 1, N], each exactly rounded
             ref = F.silu(g) * u
             for f in GEMV_FORMULATIONS:
