@@ -14,8 +14,10 @@ only), each option set runs in its own subprocess (fresh dynamo / Inductor state
   concatenate linears that share an input, e.g. an MLP's gate and up projections: extra memory);
 * ``autotune``: ``compile={"max_autotune": True, ...}`` (Triton GEMM templates timed against cuBLAS);
 * ``freeze+autotune``: both.
-* ``pdl``: ``compile={"pdl": True}`` (programmatic dependent launch in the one-token step);
-* ``no-swiglu`` / ``pdl+no-swiglu``: ``{"fuse_swiglu": False}`` (the one-row SwiGLU MLP's gate/up
+* ``no-pdl``: ``compile={"pdl": False}`` (no programmatic dependent launch; the default launches
+  every kernel of every step with it on sm90+); ``pdl-one-token``: ``{"pdl": "one_token"}`` (the
+  one-token step only);
+* ``no-swiglu`` / ``no-pdl+no-swiglu``: ``{"fuse_swiglu": False}`` (the one-row SwiGLU MLP's gate/up
   GEMV stores both outputs and Inductor's kernel forms ``silu(g) * u``, instead of one launch).
 
 Per variant: AR TPOT through ``generate`` (128 tokens; also with every step read back before the
@@ -49,9 +51,10 @@ VARIANTS = {
     "autotune": {"max_autotune": True, "max_autotune_gemm_backends": "ATEN,TRITON"},
     "freeze+autotune": {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "ATEN,TRITON"},
     "cdt": {"coordinate_descent_tuning": True},  # Inductor tunes its own pointwise / reduction launches
-    "pdl": {"pdl": True},  # programmatic dependent launch in the one-token step (sm90+, specdec.kernels.pdl)
+    "no-pdl": {"pdl": False},  # no programmatic dependent launch (default: every step, sm90+, specdec.kernels.pdl)
+    "pdl-one-token": {"pdl": "one_token"},  # PDL in the one-token step only
     "no-swiglu": {"fuse_swiglu": False},  # the one-row MLP's gate/up GEMV and SiLU product as two launches
-    "pdl+no-swiglu": {"pdl": True, "fuse_swiglu": False},
+    "no-pdl+no-swiglu": {"pdl": False, "fuse_swiglu": False},
 }
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 

@@ -109,6 +109,8 @@ class _Bucket:
     host: Tensor  # [B, 1 + n] out: [path_len, committed tokens...] (read back by the engine)
     packed: Tensor | None = None  # [B, 3, n] int64 in: tokens, parents, valid; unpacked inside the graph
     staged: Tensor | None = None  # [B, 3, n] int64 on the host (pinned on CUDA): a host tree, one copy to ``packed``
+    staged_np: "object | None" = None  # numpy view of ``staged`` (written by ``_load``)
+    host_out: Tensor | None = None  # [B, 1 + n] pinned host copy of ``host``, made inside the graph (tree buckets)
     graph: "torch.cuda.CUDAGraph | None" = None
     replays: int = 0
     masks: dict = field(default_factory=dict)  # root-only: the one-node tree's constant masks (compiled step)
@@ -167,16 +169,22 @@ class CUDAGraphRunner:
         whole = (compile is True or compile == "inductor"
                  or (isinstance(compile, Mapping) and bool(compile.get("compile_step", True))
                      and not compile.get("freezing")))
-        # {"pdl": True}: programmatic dependent launch in the one-token step only (H200, 8B: AR
-        # 4.308 -> 4.142 ms; tree steps gained nothing from it), so trees compile without it
-        tree_compile = compile
-        self.pdl = isinstance(compile, Mapping) and bool(compile.get("pdl"))
-        if self.pdl:
-            tree_compile = {k: v for k, v in compile.items() if k != "pdl"}
+        # Programmatic dependent launch (sm90+, Inductor): every step by default (H200: 8B AR 4.27 ->
+        # 4.11 ms, a 16-node verify 4.75 -> 4.62 ms; SmolLM2-shaped fp32 AR 0.89 -> 0.60, verify(16)
+        # 1.48 -> 1.32 ms; notes/issue6.md, thirteenth session); {"pdl": "one_token"}: the one-token
+        # step only (trees compiled without it); {"pdl": False}: off
+        self.pdl_mode = pdl_mode(compile, self.device)
+        self.pdl = self.pdl_mode is not None
+        self.pdl_trees = self.pdl_mode == "all"
+        root_compile = tree_compile = compile
+        if compile is True or compile == "inductor" or isinstance(compile, Mapping):
+            base = {k: v for k, v in compile.items() if k != "pdl"} if isinstance(compile, Mapping) else {}
+            root_compile = dict(base, pdl=True) if self.pdl else base
+            tree_compile = dict(base, pdl=True) if self.pdl_trees else base
         self._step = compiled_forward(tree_compile, step_fn) if compile and whole else None  # the whole step
         self._forward = compiled_forward(tree_compile) if compile and not whole else None  # the forward only
-        self._step_root = compiled_forward(compile, step_fn) if compile and whole else None
-        self._forward_root = compiled_forward(compile) if compile and not whole else None
+        self._step_root = compiled_forward(root_compile, step_fn) if compile and whole else None
+        self._forward_root = compiled_forward(root_compile) if compile and not whole else None
         # per-shape GEMM choice for every captured step (Inductor's freezing concatenates linears:
         # they must stay plain mm's there)
         if pick_gemm is None:
@@ -237,7 +245,9 @@ class CUDAGraphRunner:
 
         Returns ``(AcceptResult, host [B, 1 + n])`` whose tensors are the runner's static output
         buffers (valid until the next step), or ``None`` when the tree fits no bucket (the caller
-        then runs the step eagerly on the same buffers).
+        then runs the step eagerly on the same buffers). ``host`` of a captured tree step is in
+        pinned host memory, copied by the graph itself: synchronize the stream before reading it
+        (one stream sync instead of a blocking copy call, as :func:`specdec.generate.generate` does).
         """
         self.set_active(active)
         nb = 1 if tree is None else bucket_for(tree.num_nodes, self.buckets)
@@ -262,7 +272,7 @@ class CUDAGraphRunner:
         else:
             self._run(b)
         b.replays += 1
-        return AcceptResult(path=b.path, path_len=b.path_len, bonus=b.bonus), b.host
+        return AcceptResult(path=b.path, path_len=b.path_len, bonus=b.bonus), (b.host if b.host_out is None else b.host_out)
 
     def _load(self, b: _Bucket, tree: TokenTree) -> None:
         """Copy a tree into the bucket's packed input; the tail becomes padding off the root.
@@ -273,13 +283,13 @@ class CUDAGraphRunner:
         """
         n = tree.num_nodes
         if tree.tokens.device.type == "cpu" and b.staged is not None:
-            st = b.staged  # [B, 3, nb]
-            st[:, 0, :n] = tree.tokens
-            st[:, 1, :n] = tree.parents
-            st[:, 2, :n] = 1 if tree.valid is None else tree.valid
+            st = b.staged_np  # [B, 3, nb], a numpy view of ``staged`` (its slice writes cost ~1/3 of torch's)
+            st[:, 0, :n] = tree.tokens.numpy()
+            st[:, 1, :n] = tree.parents.numpy()
+            st[:, 2, :n] = 1 if tree.valid is None else tree.valid.numpy()
             if n < b.n:  # padding: invalid children of the root (tokens left stale: never accepted)
                 st[:, 1:, n:] = 0
-            b.packed.copy_(st, non_blocking=True)
+            b.packed.copy_(b.staged, non_blocking=True)
             return
         pk = b.packed
         pk[:, 0, :n].copy_(tree.tokens)
@@ -320,7 +330,7 @@ class CUDAGraphRunner:
         from .kernels import pdl
 
         with (self.gemm.mode() if self.gemm is not None else contextlib.nullcontext(),
-              pdl.on() if self.pdl and b.root_only else contextlib.nullcontext()):
+              pdl.on() if self.pdl and (b.root_only or self.pdl_trees) else contextlib.nullcontext()):
             res, host = step(
                 target, self.verifier, tree, self.cache, self.max_len, self.greedy, None,
                 self.active, self.sequences, self.seq_lens, self.counters,
@@ -329,6 +339,8 @@ class CUDAGraphRunner:
         b.path_len.copy_(res.path_len)
         b.bonus.copy_(res.bonus)
         b.host.copy_(host)
+        if b.host_out is not None:  # the read-back as the graph's last node: the host only waits for the stream
+            b.host_out.copy_(b.host, non_blocking=True)
 
     def _tree_masks(self, tree: TokenTree) -> dict:
         """The tree's cached masks the step reads (eager ops), as ``TokenTree`` attributes."""
@@ -358,6 +370,9 @@ class CUDAGraphRunner:
             packed=packed,
             staged=packed.cpu().pin_memory() if dev.type == "cuda" else packed.clone(),
         )
+        b.staged_np = b.staged.numpy()
+        if self.capture and not root_only:  # (the one-token step is read back by the engine itself: it runs ahead)
+            b.host_out = torch.zeros(B, 1 + n, dtype=torch.long, pin_memory=True)
         if self.capture:
             self._capture(b)
         self._buckets[key] = b
@@ -424,6 +439,31 @@ def _call_model(model, **kwargs):
 
 
 _COMPILED: dict = {}
+PDL_MODES = ("all", "one_token")
+
+
+def pdl_mode(compile, device: torch.device) -> str | None:
+    """Which captured steps launch their kernels with programmatic dependent launch: ``"all"``,
+    ``"one_token"`` or ``None``, from ``generate(compile=...)``.
+
+    With Inductor (``True``, ``"inductor"`` or a dict of options) on an sm90+ GPU: every step unless
+    the dict's ``"pdl"`` says otherwise (``True`` / ``"all"``: every step; ``"one_token"``: the
+    one-token step only; ``False`` / ``None``: off). Other backends and older GPUs: off (a dict
+    asking for it on a GPU without PDL raises). Unknown values raise."""
+    inductor = compile is True or compile == "inductor" or isinstance(compile, Mapping)
+    if not compile or not inductor:
+        return None
+    asked = compile.get("pdl", "default") if isinstance(compile, Mapping) else "default"
+    if asked not in (True, False, None, "default") + PDL_MODES:
+        raise ValueError(f'compile={{"pdl": ...}} takes True, False, "all" or "one_token", got {asked!r}')
+    if asked in (False, None):
+        return None
+    sm90 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    if not sm90:
+        if asked != "default":
+            raise ValueError("programmatic dependent launch (compile={'pdl': ...}) needs an sm90+ CUDA device")
+        return None
+    return "one_token" if asked == "one_token" else "all"
 
 
 def compiled_forward(compile, fn: Callable | None = None) -> Callable:
@@ -445,8 +485,8 @@ def compiled_forward(compile, fn: Callable | None = None) -> Callable:
     4.276 ms); ``{"compile_step": False}`` compiles the forward alone, and so does ``freezing`` (the
     whole step with frozen weights failed the CUDA equality test). Other backends compile the
     forward alone. ``{"pdl": True}``: Inductor's ``triton.enable_pdl`` with every kernel waiting
-    first (:func:`_inductor_pdl_wait_first`); the runner compiles its one-token step with it and
-    its tree steps without (``docs/gpu.md``).
+    first (:func:`_inductor_pdl_wait_first`); the runner asks for it per step as
+    :func:`pdl_mode` says (every step by default on sm90+; ``docs/gpu.md``).
 
     One compiled function per setting, shared by every model: dynamo keeps one entry per (model,
     input shapes), so the recompile limit is raised to hold the buckets of a few models.

@@ -271,8 +271,9 @@ def generate(
             Two compilations per model, at the first two buckets' captures (tens of seconds each for
             an 8B model); tokens equal the uncompiled steps' up to float
             rounding of the fused ops. Needs the CUDA-graph runner (CUDA target, greedy, no ``cache``).
-            ``{"pdl": True}``: programmatic dependent launch in the one-token step (sm90+; see
-            ``docs/gpu.md``).
+            With Inductor on sm90+ every captured step launches its kernels with programmatic
+            dependent launch; ``{"pdl": "one_token"}`` keeps it to the one-token step,
+            ``{"pdl": False}`` turns it off (``docs/gpu.md``).
     Returns:
         :class:`GenerateOutput` with ``.sequences`` ``[B, T + new]`` and ``.stats``.
     """
@@ -412,6 +413,8 @@ def generate(
                 read.synchronize()
             host = host_pinned.tolist()
         else:
+            if host_t.device.type != device.type:  # a captured tree step's pinned copy, made by its graph:
+                torch.cuda.current_stream(device).synchronize()  # wait for the step, no copy call
             host = host_t.tolist()
         steps += 1
         new_lists: list[list[int]] = []
@@ -447,6 +450,7 @@ def generate(
     stats.prompt_tokens = B * T
     stats.ttft_s = tot.get("prefill", 0.0)
     stats.total_s = timer.span("prefill", "end")
+    timer.release()
     stats.draft_s = tot.get("draft", 0.0) + tot.get("drafter_prefill", 0.0)
     stats.verify_s = tot.get("verify", 0.0)
     stats.verify_steps = steps

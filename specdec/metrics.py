@@ -57,21 +57,33 @@ class GenerateOutput:
     new_tokens: list[list[int]] = field(default_factory=list)  # per row, generated ids only
 
 
+_EVENTS: dict = {}  # device index -> timing events of finished timers (reused: none created or destroyed per step)
+
+
 class StepTimer:
     """Wall time of named phases. On CUDA it records events (no sync per step) and reads them at
-    the end; elsewhere it uses ``perf_counter``."""
+    the end; elsewhere it uses ``perf_counter``. :meth:`release` hands the events back for reuse."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.marks: list[tuple[str, object]] = []
+        if self.cuda:
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            self._pool = _EVENTS.setdefault(index, [])
 
     def mark(self, name: str) -> None:
         if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
+            ev = self._pool.pop() if self._pool else torch.cuda.Event(enable_timing=True)
             ev.record()
             self.marks.append((name, ev))
         else:
             self.marks.append((name, time.perf_counter()))
+
+    def release(self) -> None:
+        """Done reading: the events go back to the pool (at most a few thousand are kept)."""
+        if self.cuda and len(self._pool) < 4096:
+            self._pool.extend(ev for _, ev in self.marks)
+        self.marks = []
 
     def totals(self) -> dict[str, float]:
         """Seconds from each mark to the next, summed by the earlier mark's name."""

@@ -156,8 +156,9 @@ class TokenTree:
         B = len(rows_tok)
         lens = [len(r) for r in rows_tok]
         needs_pad = any(k != n for k in lens)
-        tokens = torch.tensor([r + [0] * (n - len(r)) for r in rows_tok], dtype=torch.long)  # [B, n]
-        parents = torch.tensor([[-1] + list(r[1:]) + [0] * (n - len(r)) for r in rows_par], dtype=torch.long)
+        both = torch.tensor([[r + [0] * (n - len(r)) for r in rows_tok],
+                             [[-1] + list(r[1:]) + [0] * (n - len(r)) for r in rows_par]], dtype=torch.long)  # [2, B, n]
+        tokens, parents = both[0], both[1]  # [B, n] each (contiguous views: one tensor built, not two)
         valid = None
         if needs_pad:
             valid = torch.tensor([[True] * k + [False] * (n - k) for k in lens], dtype=torch.bool)  # [B, n]

@@ -298,6 +298,28 @@ def test_runner_compiled_forward_matches_eager_cpu(verifier_name):
     assert specdec.generate(model, prompt, max_new_tokens=8, cuda_graphs=False).new_tokens[0] == ref.new_tokens[0][:8]
 
 
+def test_pdl_mode_from_compile(monkeypatch):
+    """Programmatic dependent launch: every step by default with Inductor on sm90+, the one-token step
+    or none when asked, off for other backends and older GPUs; bad values raise."""
+    from specdec.cuda_graph import pdl_mode
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    for compile in (True, "inductor", {}, {"freezing": True}, False, "aot_eager", {"pdl": False}):
+        assert pdl_mode(compile, cpu) is None
+    for asked in (True, "all", "one_token"):
+        with pytest.raises(ValueError, match="sm90"):
+            pdl_mode({"pdl": asked}, cpu)
+    with pytest.raises(ValueError, match="one_token"):
+        pdl_mode({"pdl": "first"}, cpu)
+    for cap, want in (((9, 0), "all"), ((8, 0), None)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=cap: c)
+        assert pdl_mode(True, gpu) == want and pdl_mode({"max_autotune": True}, gpu) == want
+        assert pdl_mode("aot_eager", gpu) is None and pdl_mode({"pdl": False}, gpu) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert pdl_mode({"pdl": True}, gpu) == pdl_mode({"pdl": "all"}, gpu) == "all"
+    assert pdl_mode({"pdl": "one_token"}, gpu) == "one_token"
+
+
 def test_compile_needs_the_graph_runner():
     model = tiny_model("llama")
     prompt = _prompt()
@@ -418,26 +440,31 @@ def _sm90() -> bool:
 
 
 @pytest.mark.skipif(not _sm90(), reason="programmatic dependent launch needs sm90+")
+@pytest.mark.parametrize("pdl_opt", ["default", "one_token"])
 @pytest.mark.parametrize("name", ["ar", "replay-tree"])
-def test_pdl_graph_replay_matches_eager_cuda(name):
-    """compile={"pdl": True}: the one-token step's kernels (Inductor's, the GEMVs, KV writes,
-    attention) launched early with a wait first, trees captured without PDL; same tokens as the
+def test_pdl_graph_replay_matches_eager_cuda(name, pdl_opt):
+    """Programmatic dependent launch (on by default with Inductor on sm90+): every kernel of a step
+    (Inductor's, the GEMVs, skinny GEMMs, KV writes, attention) launched early with a wait first;
+    {"pdl": "one_token"}: the one-token step only, trees captured without it. Same tokens as the
     eager loop (fp32)."""
     import copy
 
     from specdec.cuda_graph import _RUNNERS
     from specdec.kernels import pdl
 
+    compile = True if pdl_opt == "default" else {"pdl": pdl_opt}
     model = copy.deepcopy(tiny_model("llama", seed=11)).cuda()
     prompt = _prompt(seed=5).cuda()
     ref = specdec.generate(model, prompt, max_new_tokens=NEW, cuda_graphs=False)
     for _ in range(2):
         drafter = _drafters(model, ref.new_tokens[0])[name]
-        out = specdec.generate(model, prompt, drafter=drafter, max_new_tokens=NEW, budget=6, compile={"pdl": True})
+        out = specdec.generate(model, prompt, drafter=drafter, max_new_tokens=NEW, budget=6, compile=compile)
         assert out.new_tokens == ref.new_tokens
     runner = _RUNNERS[model]
-    assert runner.pdl and runner._step_root is not runner._step  # the one-token step: its own compilation
-    assert not pdl.enabled(prompt.device)  # only while the runner captures its one-token step
+    every = pdl_opt == "default"
+    assert runner.pdl and runner.pdl_trees == every and runner.pdl_mode == ("all" if every else "one_token")
+    assert (runner._step_root is runner._step) == every  # one compilation unless only the one-token step has PDL
+    assert not pdl.enabled(prompt.device)  # only while the runner captures
     with pdl.on():
         assert pdl.enabled(prompt.device)
 
@@ -498,17 +525,16 @@ def test_fp32_tf32x3_tree_attention_error_cuda(N, prefix, L):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("compile", [True, {"pdl": True}])
+@pytest.mark.parametrize("compile", [{"pdl": False}, True])
 def test_swiglu_one_launch_graph_replay_matches_eager_cuda(compile):
-    """The one-token step with the SwiGLU MLP as one GEMV launch (forced by the picker's timer; PDL
-    too on sm90+): same tokens as the eager loop (fp32), AR and tree drafts."""
+    """The one-token step with the SwiGLU MLP as one GEMV launch (forced by the picker's timer;
+    without PDL, and with it as by default on sm90+): same tokens as the eager loop (fp32), AR and
+    tree drafts."""
     import copy
 
     from specdec.gemm_pick import FORMULATIONS, GEMV_FORMULATIONS, GemmPicker
     from verifiers import SDPAVerifier
 
-    if isinstance(compile, dict) and not _sm90():
-        pytest.skip("programmatic dependent launch needs sm90+")
     gemv = GEMV_FORMULATIONS[0]
     forced = lambda x, *w: (tuple(1e-3 if f == gemv else float("inf") for f in range(len(FORMULATIONS))), 1.0)
     picker = GemmPicker(swiglu_timer=forced)

@@ -3,6 +3,7 @@ Triton GEMV under TRITON_INTERPRET on CPU), the choice follows the timings (with
 mode routes a model's linears eagerly and under torch.compile, and the runner with the picker
 commits the eager loop's tokens (CPU, capture off)."""
 
+import contextlib
 import os
 import shutil
 
@@ -484,6 +485,52 @@ def test_gemv_swiglu_cuda(dtype):
         ref = F.silu(gemv(x, wg, None, _gemv_cfg(f))) * gemv(x, wu, None, _gemv_cfg(f))
         tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2 ** -9)
         torch.testing.assert_close(linear_swiglu_as(x, wg, wu, None, None, f), ref, **tol)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9),
+                    reason="programmatic dependent launch needs sm90+")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_skinny_pdl_chain_in_graph_matches_plain_cuda(dtype):
+    """Skinny GEMMs launched with PDL (``pdl.on()``) inside a captured chain, each reading the
+    previous one's output (split-K and whole-K launch shapes, a 3-linear group), give bit-equal
+    results to the plain launches: every one waits for its predecessor before its first load."""
+    from specdec.kernels import pdl
+    from specdec.kernels.skinny import SKINNY_CONFIGS, skinny_group
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    f32 = dtype == torch.float32
+    cfgs = [c for c in SKINNY_CONFIGS if bool(c.get("F32", False)) == f32 and c["BLOCK_K"] <= 128]  # (smem at 32 rows)
+    cfgs = [next(c for c in cfgs if c["SPLIT_K"] == 1), next(c for c in cfgs if c["SPLIT_K"] > 1)]
+    K = 1024
+    ws = [(torch.randn(K, K, generator=gen, device="cuda") / K ** 0.5).to(dtype) for _ in range(6)]
+    x0 = torch.randn(24, K, generator=gen, device="cuda").to(dtype)
+
+    def chain(x):
+        for i, w in enumerate(ws):
+            cfg = cfgs[i % 2]
+            if i == 3:  # a group of three linears of one input, summed into the next input
+                a, b, c = skinny_group(x, [w, ws[0], ws[1]], config=cfg)
+                x = (a + b - c) * 0.5
+            else:
+                x = skinny_group(x, [w], config=cfg)[0] * 1.5
+        return x
+
+    ref = chain(x0)  # (also creates the split-K workspaces, eagerly)
+    outs = {}
+    for use_pdl in (False, True):
+        x = x0.clone()
+        chain(x)  # warm-up of the PDL variant's compile outside the capture
+        with pdl.on() if use_pdl else contextlib.nullcontext():
+            chain(x)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                y = chain(x)
+        for _ in range(3):
+            g.replay()
+        torch.cuda.synchronize()
+        outs[use_pdl] = y.clone()
+    torch.testing.assert_close(outs[False], ref, rtol=0, atol=0)
+    torch.testing.assert_close(outs[True], ref, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not _INTERP, reason="the GEMV applies to CPU tensors only under TRITON_INTERPRET=1")

@@ -10,10 +10,12 @@ them (H200: Llama-3-8B AR 4.308 -> 4.142 ms, a SmolLM2-shaped fp32 model 0.857 -
 ``notes/issue6.md``, eleventh session). CUDA programming guide, "Programmatic Dependent Launch and
 Synchronization".
 
-Off by default. ``generate(compile={"pdl": True})`` turns it on while the CUDA-graph runner
-captures its one-token step (:func:`on`), whose compiled code also has Inductor's own
-``triton.enable_pdl``; tree steps are captured without it (their Inductor kernels and the skinny
-GEMMs do not launch early, and with only the specdec kernels on PDL they measured up to 2 % slower).
+On by default with ``generate(compile=True)`` (Inductor) on sm90+: the CUDA-graph runner captures
+every step inside :func:`on`, and its compiled code has Inductor's own ``triton.enable_pdl`` (with
+every Inductor kernel waiting first). Thirteenth session, H200: 8B verify(16) 4.73-4.76 ->
+4.62-4.64 ms, SmolLM2-shaped fp32 verify(16) 1.48 -> 1.32 ms, on top of the one-token step's gain.
+``compile={"pdl": "one_token"}``: the one-token step only; ``{"pdl": False}``: off
+(:func:`specdec.cuda_graph.pdl_mode`).
 """
 
 from __future__ import annotations

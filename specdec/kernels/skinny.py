@@ -11,7 +11,9 @@ Here each program owns ``BLOCK_N`` whole weight rows and all ``M`` rows of ``x``
 ``num_stages``, multiplies ``W_tile [BLOCK_N, BLOCK_K] @ x_tile.T [BLOCK_K, BLOCK_M]`` on tensor cores
 with fp32 accumulation, and writes ``y.T``. No split-K, one launch, a fixed summation order per
 output (so replays are bit-reproducible). The weight stream is marked evict-first so that ``x``,
-which every program re-reads, stays in L2. This is the "swap AB" layout that skinny-GEMM kernels use
+which every program re-reads, stays in L2. Inside a step captured with programmatic dependent
+launch (:mod:`specdec.kernels.pdl`) it launches early and waits for the previous kernel before its
+first load. This is the "swap AB" layout that skinny-GEMM kernels use
 (e.g. TensorRT-LLM's and vLLM's small-batch GEMMs): the long dimension, the weight rows, takes the
 MMA's M side.
 
@@ -37,6 +39,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import pdl as _pdl
 from .gemv import group_args, group_tile
 
 __all__ = ["skinny_linear", "skinny_group", "skinny_applies", "SKINNY_CONFIGS", "SKINNY_MAX_M", "SKINNY_DTYPES",
@@ -88,6 +91,7 @@ def _skinny(
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     TF32X3: tl.constexpr = False,
+    PDL: tl.constexpr = False,  # launched early (programmatic dependent launch, :mod:`specdec.kernels.pdl`)
 ):
     # Up to 4 linears of the same x in one launch (``group_tile``: program ``pid`` owns BLOCK_N
     # rows of one of them); y_i is a contiguous [M, N_i]. NUM_GROUPS = 1 is the plain skinny GEMM.
@@ -104,6 +108,9 @@ def _skinny(
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(K, k_lo + k_per_split)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if PDL:  # started while the previous kernel drains: wait for it before the first load (x and the
+        # split-K counters are step buffers; the pipelined loop loads W and x together)
+        tl.extra.cuda.gdc_wait()
     for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
         k_ok = rk < k_hi
@@ -114,6 +121,8 @@ def _skinny(
             acc = tl.dot(w, tl.trans(x), acc, input_precision="tf32x3")  # [BLOCK_N, BLOCK_M]
         else:
             acc = tl.dot(w.to(x.dtype), tl.trans(x), acc)  # [BLOCK_N, BLOCK_M] (int8 weights: exact in 16 bits)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # (they still wait for this whole grid in their gdc_wait)
     if HAS_SCALE:  # int8 weights with one scale per output channel: y = (x @ q.T) * s (one linear)
         acc *= tl.load(SCALE + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     store_y(acc, Y, BIAS, WS, CNT, rn, rm, n_ok, m_ok, N, pid, pid_k, HAS_BIAS, BLOCK_N, BLOCK_M, SPLIT_K)
@@ -255,11 +264,15 @@ def skinny_group(x: Tensor, weights: list[Tensor], biases: list[Tensor | None] |
     split = triton.cdiv(K, k_per_split)
     args, tiles = group_args(weights, outs, biases, bn)
     ws, cnt = workspace(x.device, tiles, bn * bm, split) if split > 1 else (outs[0], outs[0])
-    _skinny[(tiles, split)](
-        x2, scale if scale is not None else outs[0], ws, cnt,
-        M, K, k_per_split, x2.stride(0), weights[0].stride(0), *args,
-        NUM_GROUPS=len(weights), HAS_BIAS=biases[0] is not None, HAS_SCALE=scale is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, TF32X3=x.dtype == torch.float32,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+
+    def launch(pdl: bool):
+        _skinny[(tiles, split)](
+            x2, scale if scale is not None else outs[0], ws, cnt,
+            M, K, k_per_split, x2.stride(0), weights[0].stride(0), *args,
+            NUM_GROUPS=len(weights), HAS_BIAS=biases[0] is not None, HAS_SCALE=scale is not None,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, TF32X3=x.dtype == torch.float32, PDL=pdl,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **(dict(launch_pdl=True) if pdl else {}),
+        )
+
+    _pdl.launch(launch, x.device)
     return [y.reshape(*x.shape[:-1], y.shape[1]) for y in outs]
