@@ -257,17 +257,20 @@ def _graph_rows(args, graphs: Graphs, model, ids, verifier, eager, R0: dict, com
         gc.unfreeze()
 
 
-def host_gauge_us() -> float:
-    """µs for a fixed pure-Python loop (median of 15): how fast the host runs right now. A tree step's
-    host work (tree, staging, launch, bookkeeping) sits between two replays, so η moves with it; the
-    GPU machine's host was measured at 85-181 µs within one machine start (notes/issue6.md)."""
-    def loop():
-        t0 = time.perf_counter()
-        s = 0
-        for i in range(3000):
-            s += i
-        return time.perf_counter() - t0
-    xs = sorted(loop() for _ in range(15))
+def python_loop_s() -> float:
+    """Seconds for a fixed pure-Python loop (3000 additions)."""
+    t0 = time.perf_counter()
+    s = 0
+    for i in range(3000):
+        s += i
+    return time.perf_counter() - t0
+
+
+def host_gauge_us(samples: int = 15) -> float:
+    """µs for :func:`python_loop_s` (median): how fast the host runs right now. A tree step's host
+    work (tree, staging, launch, bookkeeping) sits between two replays, so η moves with it; the GPU
+    machine's host was measured at 85-181 µs within one machine start (notes/issue6.md)."""
+    xs = sorted(python_loop_s() for _ in range(samples))
     return xs[len(xs) // 2] * 1e6
 
 

@@ -1,4 +1,4 @@
-"""Session 13 probe: where does a Replay step's time go, per runner variant (8B peaked, bf16)?
+"""Session 13 probe (archived copy; its host gauge now comes from benchmarks.bench_gpu): where does a Replay step's time go, per runner variant (8B peaked, bf16)?
 
 Per step: host time of propose / _load / graph launch, the host's wait for the read-back, the
 host's work after it, and the replay's GPU time (events around CUDAGraph.replay).
@@ -16,7 +16,7 @@ import specdec
 from specdec import cuda_graph as CG
 from drafters import Replay
 from verifiers import auto_verifier
-from benchmarks.bench_gpu import llama3_8b_config
+from benchmarks.bench_gpu import host_gauge_us, llama3_8b_config
 from transformers import AutoModelForCausalLM
 
 OUT = os.environ.get("OUT", "/tmp")
@@ -119,16 +119,8 @@ def summarize(recs):
                                                         "idle_us": (med(out["wall"]) - med(out["gpu"])) * 1e6}
 
 
-def busy():
-    t0 = time.perf_counter()
-    s = 0
-    for i in range(3000):
-        s += i
-    return time.perf_counter() - t0
-
-
-def gauge():
-    return st.median(busy() for _ in range(30)) * 1e6
+def gauge():  # (as run: the same loop, defined here, median of 30)
+    return host_gauge_us(30)
 
 
 RES = {}
