@@ -419,7 +419,17 @@ def test_freezing_option_reaches_dynamo():
 def test_compiled_graph_replay_matches_eager_cuda(name, compile):
     """compile=True (Inductor; or with freezing: constant weights, concatenated linears) inside the
     captured steps: same tokens as the eager loop (fp32)."""
+    runner = _compiled_runner_matching_eager(name, compile)
+    assert runner.compile == compile and runner.disabled is None
+    assert all(b.graph is not None for b in runner._buckets.values())
+
+
+def _compiled_runner_matching_eager(name: str, compile) -> CUDAGraphRunner:
+    """Two ``generate(compile=compile)`` calls with drafter ``name`` on a CUDA copy of the tiny
+    Llama commit the eager loop's tokens (fp32); returns the runner they used."""
     import copy
+
+    from specdec.cuda_graph import _RUNNERS
 
     model = copy.deepcopy(tiny_model("llama", seed=11)).cuda()
     prompt = _prompt(seed=5).cuda()
@@ -428,11 +438,7 @@ def test_compiled_graph_replay_matches_eager_cuda(name, compile):
         drafter = _drafters(model, ref.new_tokens[0])[name]
         out = specdec.generate(model, prompt, drafter=drafter, max_new_tokens=NEW, budget=6, compile=compile)
         assert out.new_tokens == ref.new_tokens
-    from specdec.cuda_graph import _RUNNERS
-
-    runner = _RUNNERS[model]
-    assert runner.compile == compile and runner.disabled is None
-    assert all(b.graph is not None for b in runner._buckets.values())
+    return _RUNNERS[model]
 
 
 def _sm90() -> bool:
@@ -447,26 +453,15 @@ def test_pdl_graph_replay_matches_eager_cuda(name, pdl_opt):
     (Inductor's, the GEMVs, skinny GEMMs, KV writes, attention) launched early with a wait first;
     {"pdl": "one_token"}: the one-token step only, trees captured without it. Same tokens as the
     eager loop (fp32)."""
-    import copy
-
-    from specdec.cuda_graph import _RUNNERS
     from specdec.kernels import pdl
 
-    compile = True if pdl_opt == "default" else {"pdl": pdl_opt}
-    model = copy.deepcopy(tiny_model("llama", seed=11)).cuda()
-    prompt = _prompt(seed=5).cuda()
-    ref = specdec.generate(model, prompt, max_new_tokens=NEW, cuda_graphs=False)
-    for _ in range(2):
-        drafter = _drafters(model, ref.new_tokens[0])[name]
-        out = specdec.generate(model, prompt, drafter=drafter, max_new_tokens=NEW, budget=6, compile=compile)
-        assert out.new_tokens == ref.new_tokens
-    runner = _RUNNERS[model]
+    runner = _compiled_runner_matching_eager(name, True if pdl_opt == "default" else {"pdl": pdl_opt})
     every = pdl_opt == "default"
     assert runner.pdl and runner.pdl_trees == every and runner.pdl_mode == ("all" if every else "one_token")
     assert (runner._step_root is runner._step) == every  # one compilation unless only the one-token step has PDL
-    assert not pdl.enabled(prompt.device)  # only while the runner captures
+    assert not pdl.enabled(runner.device)  # only while the runner captures
     with pdl.on():
-        assert pdl.enabled(prompt.device)
+        assert pdl.enabled(runner.device)
 
 
 @pytest.mark.skipif(not _sm90(), reason="Inductor emits PDL code for sm90+ only")
