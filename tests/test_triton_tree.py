@@ -178,6 +178,25 @@ def test_short_view_defaults_match_sdpa(N, prefix, want):
     torch.testing.assert_close(got.float(), ref, atol=3e-3, rtol=3e-3)
 
 
+@pytest.mark.parametrize("view_prefix, keys", [(4000, 256), (9000, 512)])
+def test_long_view_decode_config_matches_sdpa(view_prefix, keys):
+    """N = 1 in a long 16-bit view: 64-key tiles, view/16 keys per split in [256, 1024] (so the
+    split count stays near 16 per KV head), and the output still matches the reference."""
+    ta = importlib.import_module("verifiers.kernels.tree_attention")
+    gen = torch.Generator().manual_seed(7)
+    B, Hq, Hkv, D, N = 1, 4, 1, 16, 1
+    tree = _tree("chain", B, N, gen)
+    q, k, v, pl, L = _inputs(B, Hq, Hkv, D, N, [view_prefix], gen, dtype=torch.float16)
+    cfg = ta.pick_config(N, Hq // Hkv, D, torch.float16, view_len=L)
+    assert (cfg["BLOCK_N"], cfg["num_stages"], cfg["min_tiles"] * cfg["BLOCK_N"]) == (64, 3, keys)
+    assert ta.pick_config(N, Hq // Hkv, D, torch.float16, view_len=1 << 20)["min_tiles"] * 64 == 1024
+    ref, _ = _reference(q.float(), k.float(), v.float(), pl, tree, L)
+    out = torch.full((B, N, Hq, D), float("nan"), dtype=torch.float16)
+    got = tree_attention(q, k, v, pl, tree.packed_ancestor_mask, N, out=out)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), ref, atol=3e-3, rtol=3e-3)
+
+
 def test_backend_packs_missing_mask_and_falls_back_for_sliding_window():
     gen = torch.Generator().manual_seed(3)
     B, Hq, Hkv, D, N = 1, 2, 1, 16, 8

@@ -345,6 +345,15 @@ def pick_config(n_q: int, group: int, head_dim: int, dtype: torch.dtype, view_le
     if m <= 16:  # decode (N = 1): one 16-row block holds the whole GQA group
         if short:
             return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2, **dict(legacy, min_tiles=1, max_splits=16))
+        if view_len is not None and dtype != torch.float32:
+            # Long 16-bit views: 64-key tiles (96 KB of shared memory in 3 stages, so two programs
+            # share an SM and 16-32 splits per KV head run in one wave; 128-key tiles fit one per
+            # SM and the 32 splits of a 16k view took two waves), view/16 keys per split within
+            # [256, 1024]. H200, 8B heads, N = 1, HBM-cold (notes/issue5.md, fourteenth session):
+            # 4k / 8k / 16k / 32k 11.9 / 15.3 / 28.0 / 45.3 us -> 10.4 / 15.4 / 24.2 / 41.4.
+            keys = min(1024, max(256, view_len // 16))
+            return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3,
+                        **dict(legacy, waves=4, min_tiles=keys // 64))
         return dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, **legacy)
     # Views of at most 1024 keys, several tree nodes: 16-row query blocks (four nodes of a GQA group
     # of 4), so a 64-node tree is 16 blocks per KV head, 128 programs that need no split at all.
