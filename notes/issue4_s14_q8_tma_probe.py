@@ -1,7 +1,10 @@
 """Probe: int8 W8A16 at M = 16/64 with tensor-descriptor (TMA) loads of W and x, pipelined by
 Triton (num_stages), W converted in registers and used as the wgmma A operand (swap: W @ x^T).
-Split-K programs add fp32 partials with atomics into a zeroed workspace; y = ws * scale (cast kernel)."""
-import sys, json, os, time
+Split-K programs add fp32 partials with atomics into a zeroed workspace; y = ws * scale (cast kernel).
+
+Run: ``PYTHONPATH=. python notes/issue4_s14_q8_tma_probe.py `` on the GPU machine (JSON to $OUT). The int8 and int4 probes share
+``sweep`` (in the int8 one)."""
+import sys, json, os
 import torch, triton, triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -31,10 +34,9 @@ def q8_tma(x_desc, w_desc, s_ptr, ws_ptr, M, N, K, k_per_split,
         tl.atomic_add(ptrs, y, mask=ok, sem="relaxed")
 
 
-def make(M, N, K, BN, BK, stages, split, warps, dev="cuda"):
+def make(M, N, K, BN, BK, stages, split, warps, q, s, dev="cuda"):
+    """One probe call over the int8 weight ``q [N, K]``, scales ``s [N]``: ``(call, y, ref_fn)``."""
     x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
-    q = torch.randint(-127, 128, (N, K), device=dev, dtype=torch.int8)
-    s = torch.rand(N, device=dev) * 0.01
     BM = max(16, M)
     ws = torch.zeros(M, N, device=dev, dtype=torch.float32)
     y = torch.empty(M, N, device=dev, dtype=torch.bfloat16)
@@ -52,8 +54,62 @@ def make(M, N, K, BN, BK, stages, split, warps, dev="cuda"):
                      SPLIT=split, num_warps=warps)
         if split > 1:
             y.copy_(ws)
-    ref = lambda: (x.float() @ (q.float() * s[:, None]).T)
-    return f, y, ref, (x, q, s)
+    return f, y, lambda: x.float() @ (q.float() * s[:, None]).T
+
+
+SHAPES = [("q/o", 4096, 4096), ("k/v", 1024, 4096), ("gate/up", 14336, 4096), ("down", 4096, 14336)]  # Llama-3-8B
+
+
+def sweep(quantize, lib_call, variants, build, out_name, label):
+    """For M in (64, 16) and each 8B layer: cuBLAS bf16, the library kernel ``lib_call(x, qw)`` and
+    every probe variant ``(key, params)`` of ``variants(N)`` built by ``build(M, N, K, params, qw)``
+    -> ``(call, y, ref_fn)``, over weight copies > 2x L2 (each call streams from HBM), timed by
+    ``bench_quant_kernels.bench``; the best variant within 2e-2 relative error. JSON to $OUT."""
+    import benchmarks.bench_quant_kernels as bq
+    torch.inference_mode().__enter__()
+    out = os.environ.get("OUT", ".")
+    rows = []
+    for M in (64, 16):
+        for name, N, K in SHAPES:
+            ncopy = max(2, -(-(2 * 60 << 20) // (N * K)))
+            xs = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            wb = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(ncopy)]
+            t_bf16 = bq.bench([lambda w=w: xs @ w.T for w in wb], 25, 100) * 1e3
+            qs = [quantize(w) for w in wb]
+            del wb
+            t_lib = bq.bench([lambda qw=qw: lib_call(xs, qw) for qw in qs], 25, 100) * 1e3
+            best, res = None, {}
+            for key, params in variants(N):
+                try:
+                    built = [build(M, N, K, params, qw) for qw in qs]
+                    call0, y0, ref0 = built[0]
+                    call0()
+                    torch.cuda.synchronize()
+                    r = ref0()
+                    err = ((y0.float() - r).abs().max() / r.abs().max()).item()
+                    t = bq.bench([b[0] for b in built], 25, 100) * 1e3
+                except Exception as e:
+                    print("fail", key, type(e).__name__, str(e)[:100], flush=True)
+                    continue
+                res[key] = (t, err)
+                if err < 2e-2 and (best is None or t < best[1]):
+                    best = (key, t)
+            rows.append(dict(M=M, layer=name, N=N, K=K, bf16_us=t_bf16, lib_us=t_lib, tma_best=best, sweep=res))
+            print(f"M={M} {name}: bf16 {t_bf16:.1f} us, lib {label} {t_lib:.1f} ({t_bf16 / t_lib:.2f}x), "
+                  f"TMA best {best[0] if best else None} {best[1] if best else float('nan'):.1f} "
+                  f"({t_bf16 / best[1] if best else 0:.2f}x)", flush=True)
+            with open(os.path.join(out, out_name), "w") as fh:
+                json.dump(rows, fh, indent=1)
+
+
+def q8_variants(N):
+    for BN in (64, 128):
+        for BK in (128, 256):
+            for stages in (3, 5):
+                for split in (1, 2, 4, 8):
+                    for warps in ((4,) if BN == 64 else (8,)):
+                        if 60 <= N // BN * split <= 1200:
+                            yield f"bn{BN}bk{BK}s{stages}k{split}w{warps}", (BN, BK, stages, split, warps)
 
 
 if __name__ == "__main__":
@@ -70,52 +126,7 @@ if __name__ == "__main__":
             print(op, ttg.count(op))
         print("shared", k.metadata.shared)
         sys.exit()
-    torch.inference_mode().__enter__()
     sys.path.insert(0, ".")
-    out = os.environ.get("OUT", ".")
-    import benchmarks.bench_quant_kernels as bq
     from drafters.kernels.quant_matmul import quantize_int8, w8a16_matmul
-    rows = []
-    shapes = [("q/o", 4096, 4096), ("k/v", 1024, 4096), ("gate/up", 14336, 4096), ("down", 4096, 14336)]
-    for M in (64, 16):
-        for name, N, K in shapes:
-            # copies > 2x L2 so each call streams from HBM
-            ncopy = max(2, -(-(2 * 60 << 20) // (N * K)))
-            xs = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-            wb = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(ncopy)]
-            t_bf16 = bq.bench([lambda w=w: xs @ w.T for w in wb], 25, 100) * 1e3
-            qs = [quantize_int8(w) for w in wb]
-            t_lib = bq.bench([lambda q=q: w8a16_matmul(xs, q[0], q[1]) for q in qs], 25, 100) * 1e3
-            del wb
-            best = None
-            res = {}
-            for BN in (64, 128):
-                for BK in (128, 256):
-                    for stages in (3, 5):
-                        for split in (1, 2, 4, 8):
-                            for warps in ((4,) if BN == 64 else (8,)):
-                                if N // BN * split < 60 or N // BN * split > 1200:
-                                    continue
-                                try:
-                                    fns = []
-                                    for q in qs:
-                                        f, y, ref, keep = make(M, N, K, BN, BK, stages, split, warps)
-                                        fns.append((f, y, ref, keep))
-                                    f0, y0, ref0, _ = fns[0]
-                                    f0(); torch.cuda.synchronize()
-                                    r = ref0()
-                                    err = ((y0.float() - r).abs().max() / r.abs().max()).item()
-                                    t = bq.bench([fr[0] for fr in fns], 25, 100) * 1e3
-                                except Exception as e:
-                                    print("fail", BN, BK, stages, split, warps, type(e).__name__, str(e)[:100], flush=True)
-                                    continue
-                                key = f"bn{BN}bk{BK}s{stages}k{split}w{warps}"
-                                res[key] = (t, err)
-                                if err < 2e-2 and (best is None or t < best[1]):
-                                    best = (key, t)
-            row = dict(M=M, layer=name, N=N, K=K, bf16_us=t_bf16, lib_us=t_lib, tma_best=best, sweep=res)
-            rows.append(row)
-            print(f"M={M} {name}: bf16 {t_bf16:.1f} us, lib int8 {t_lib:.1f} ({t_bf16 / t_lib:.2f}x), "
-                  f"TMA best {best[0] if best else None} {best[1] if best else float('nan'):.1f} ({t_bf16 / best[1] if best else 0:.2f}x)", flush=True)
-            with open(os.path.join(out, "q8tma.json"), "w") as fh:
-                json.dump(rows, fh, indent=1)
+    sweep(quantize_int8, lambda x, qw: w8a16_matmul(x, qw[0], qw[1]), q8_variants,
+          lambda M, N, K, p, qw: make(M, N, K, *p, qw[0], qw[1]), "q8tma.json", "int8")

@@ -8,13 +8,13 @@ checked against an fp32 reference.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
 import torch
 
 import benchmarks.bench_tree_attention as bta
+from notes.issue5_s14_read_floor_probe import probe_setup
 from verifiers.kernels import pick_config, tree_attention
 
 
@@ -47,17 +47,7 @@ def variants(N):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--prefixes", default="4096,8192,16384,32768")
-    ap.add_argument("--ns", default="1,16")
-    ap.add_argument("--smoke", action="store_true")
-    args = ap.parse_args()
-    if args.smoke:
-        bta.DEV, bta.HKV, bta.HQ, bta.D, bta.L2_BYTES = "cpu", 2, 8, 16, 1 << 16
-    torch.inference_mode().__enter__()
-    gen = torch.Generator().manual_seed(0)
-    copy_bw = bta.copy_bandwidth()
+    args, gen, copy_bw = probe_setup("4096,8192,16384,32768", ns="1,16")
     rows = []
     for N in [int(x) for x in args.ns.split(",")]:
         for prefix in [int(p) for p in args.prefixes.split(",")]:

@@ -12,7 +12,6 @@ the G rows padded to 16); the split's (acc, m, l) partials are merged by the shi
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -22,6 +21,7 @@ import triton
 import triton.language as tl
 
 import benchmarks.bench_tree_attention as bta
+from notes.issue5_s14_read_floor_probe import probe_setup
 from verifiers.kernels import tree_attention
 from verifiers.kernels.tree_attention import _split_combine
 
@@ -90,16 +90,7 @@ def decode_fn(q, k, v, out, L, block_t, tiles, warps, math_):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--prefixes", default="4096,8192,16384,32768")
-    ap.add_argument("--smoke", action="store_true")
-    args = ap.parse_args()
-    if args.smoke:
-        bta.DEV, bta.HKV, bta.HQ, bta.D, bta.L2_BYTES = "cpu", 2, 8, 16, 1 << 16
-    torch.inference_mode().__enter__()
-    gen = torch.Generator().manual_seed(0)
-    copy_bw = bta.copy_bandwidth()
+    args, gen, copy_bw = probe_setup("4096,8192,16384,32768")
     shapes = [(m, bt, tiles, w) for m in ("fma", "dot") for bt in (16, 32, 64) for tiles in (2, 4, 8, 16) for w in (4, 8)]
     if args.smoke:
         shapes = [("fma", 16, 2, 4), ("dot", 16, 2, 4)]

@@ -62,18 +62,27 @@ def read_fn(k, v, out, L, block_t, tiles, warps):
     return f
 
 
-def main():
+def probe_setup(prefixes: str, **extra):
+    """The fourteenth-session #5 probes' common start: ``--out``, ``--prefixes``, ``--smoke`` (CPU +
+    TRITON_INTERPRET=1, tiny heads: checks a script only) and ``extra`` string options; inference
+    mode; a seeded generator; the measured copy bandwidth. Returns ``(args, gen, copy_GBps)``."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--prefixes", default="512,2048,4096,8192,16384,32768")
+    ap.add_argument("--prefixes", default=prefixes)
     ap.add_argument("--smoke", action="store_true", help="CPU + TRITON_INTERPRET=1, tiny sizes: checks the script only")
+    for name, default in extra.items():
+        ap.add_argument(f"--{name}", default=default)
     args = ap.parse_args()
     if args.smoke:
-        bta.DEV, bta.HKV, bta.HQ, bta.D, bta.L2_BYTES = "cpu", 2, 4, 16, 1 << 16
+        bta.DEV, bta.HKV, bta.HQ, bta.D, bta.L2_BYTES = "cpu", 2, 8, 16, 1 << 16
     torch.inference_mode().__enter__()
-    gen = torch.Generator().manual_seed(0)
     copy_bw = bta.copy_bandwidth()
     print(f"copy bandwidth {copy_bw:.0f} GB/s", flush=True)
+    return args, torch.Generator().manual_seed(0), copy_bw
+
+
+def main():
+    args, gen, copy_bw = probe_setup("512,2048,4096,8192,16384,32768")
     rows = []
     shapes = [(bt, tiles, w) for bt in (32, 64, 128) for tiles in (1, 2, 4, 8) for w in (4, 8)]
     if args.smoke:
