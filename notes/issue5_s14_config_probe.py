@@ -8,13 +8,11 @@ checked against an fp32 reference.
 
 from __future__ import annotations
 
-import json
-import os
 
 import torch
 
 import benchmarks.bench_tree_attention as bta
-from notes.issue5_s14_read_floor_probe import probe_setup
+from notes.issue5_s14_read_floor_probe import probe_setup, save_rows
 from verifiers.kernels import pick_config, tree_attention
 
 
@@ -77,9 +75,7 @@ def main():
                   f"best {best} {res[best]['us']:.1f} ({100 * res[best]['frac']:.0f}%); "
                   f"top {[(k_, round(r['us'], 1)) for k_, r in top]}; max err {max(r['err'] for r in res.values()):.1e}", flush=True)
             del sets
-            os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, "config_probe.json"), "w") as f:
-                json.dump(dict(copy_GBps=copy_bw, rows=rows), f, indent=1)
+            save_rows(args, "config_probe.json", copy_GBps=copy_bw, rows=rows)
 
 
 if __name__ == "__main__":

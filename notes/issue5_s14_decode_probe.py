@@ -12,16 +12,14 @@ the G rows padded to 16); the split's (acc, m, l) partials are merged by the shi
 
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 import benchmarks.bench_tree_attention as bta
-from notes.issue5_s14_read_floor_probe import probe_setup
+from notes.issue5_s14_read_floor_probe import probe_setup, save_rows
 from verifiers.kernels import tree_attention
 from verifiers.kernels.tree_attention import _split_combine
 
@@ -134,9 +132,7 @@ def main():
               f"{ok.get(best, math.nan):.1f} us ({100 * (row['best_frac'] or 0):.0f}%, err {errs.get(best, math.nan):.1e}); "
               f"top {[(k_, round(t, 1)) for k_, t in top]}; bad {[k_ for k_ in sweep if errs[k_] >= 2e-2]}", flush=True)
         del sets
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "decode_probe.json"), "w") as f:
-            json.dump(dict(copy_GBps=copy_bw, rows=rows), f, indent=1)
+        save_rows(args, "decode_probe.json", copy_GBps=copy_bw, rows=rows)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,13 @@ def probe_setup(prefixes: str, **extra):
     return args, torch.Generator().manual_seed(0), copy_bw
 
 
+def save_rows(args, name: str, **payload):
+    """Write ``payload`` as ``$OUT/name`` (after every row, so a run cut short keeps what it has)."""
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, name), "w") as f:
+        json.dump(payload, f, indent=1)
+
+
 def main():
     args, gen, copy_bw = probe_setup("512,2048,4096,8192,16384,32768")
     rows = []
@@ -129,9 +136,8 @@ def main():
               f"({100 * row['read1_tiny_frac']:.0f}%); copy {t_copy:.1f}; tree N=1 {t_n1:.1f} ({100 * row['tree_n1_frac']:.0f}%), "
               f"N=16 {t_n16:.1f} ({100 * row['tree_n16_frac']:.0f}%)", flush=True)
         del sets
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "read_floor.json"), "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name() if bta.DEV == "cuda" else "cpu", copy_GBps=copy_bw, rows=rows), f, indent=1)
+        save_rows(args, "read_floor.json", device=torch.cuda.get_device_name() if bta.DEV == "cuda" else "cpu",
+                  copy_GBps=copy_bw, rows=rows)
 
 
 if __name__ == "__main__":
