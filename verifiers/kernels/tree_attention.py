@@ -345,7 +345,7 @@ def pick_config(n_q: int, group: int, head_dim: int, dtype: torch.dtype, view_le
     if m <= 16:  # decode (N = 1): one 16-row block holds the whole GQA group
         if short:
             return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2, **dict(legacy, min_tiles=1, max_splits=16))
-        if view_len is not None and dtype != torch.float32:
+        if view_len is not None:  # (fp32 returned above)
             # Long 16-bit views: 64-key tiles (96 KB of shared memory in 3 stages, so two programs
             # share an SM and 16-32 splits per KV head run in one wave; 128-key tiles fit one per
             # SM and the 32 splits of a 16k view took two waves), view/16 keys per split within
