@@ -2,7 +2,7 @@
 (TMA) loads pipelined by Triton; nibbles widened in registers (plain Triton ops), two wgmma dots per
 group (low / high halves against the matching x halves), group scale applied to the group's partial.
 
-Run: ``PYTHONPATH=. python notes/issue4_s14_q4_tma_probe.py `` on the GPU machine (JSON to $OUT). The int8 and int4 probes share
+Run: ``PYTHONPATH=. python notes/issue4_s14_q4_tma_probe.py`` on the GPU machine (JSON to $OUT). The int8 and int4 probes share
 ``sweep`` (in the int8 one)."""
 import sys
 import torch, triton, triton.language as tl

@@ -2,7 +2,7 @@
 Triton (num_stages), W converted in registers and used as the wgmma A operand (swap: W @ x^T).
 Split-K programs add fp32 partials with atomics into a zeroed workspace; y = ws * scale (cast kernel).
 
-Run: ``PYTHONPATH=. python notes/issue4_s14_q8_tma_probe.py `` on the GPU machine (JSON to $OUT). The int8 and int4 probes share
+Run: ``PYTHONPATH=. python notes/issue4_s14_q8_tma_probe.py`` on the GPU machine (JSON to $OUT). The int8 and int4 probes share
 ``sweep`` (in the int8 one)."""
 import sys, json, os
 import torch, triton, triton.language as tl
