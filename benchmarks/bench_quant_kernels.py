@@ -91,6 +91,10 @@ def candidates(bits: int, M: int) -> list[QuantConfig]:
     out = base + [R(c, prefetch=True) for c in base]
     if bits == 4:
         out += [R(c, asm=True) for c in base] + [R(c, asm=True, prefetch=True) for c in base]
+    # tensor descriptors (TMA): 64 weight rows per program, the pipeline depth and split-K of the
+    # fifteenth session's sweep (notes/issue4_s15_tma_sweep.py)
+    out += [QuantConfig(gemv=False, block_n=64, block_k=bk, split_k=sk, num_stages=st, swap=True, asm=bits == 4, tma=True)
+            for bk in (128, 256) for sk in (1, 4, 8) for st in (3, 4)]
     return out
 
 
@@ -116,24 +120,30 @@ def tolerance(dtype: torch.dtype) -> float:
     return 1e-4 if dtype == torch.float32 else 1e-2
 
 
-RAGGED_SIZES = [(1000, 1000), (77, 3001), (4099, 4101)]
+RAGGED_SIZES = [(1000, 1000), (77, 3001), (4099, 4101), (1000, 1040)]  # K = 1040: TMA-aligned, no block multiple
 RAGGED_FORCED = [QuantConfig(gemv=True, block_n=16, block_k=64, split_k=3),
                  QuantConfig(gemv=False, block_m=16, block_n=32, block_k=32, split_k=2),
                  QuantConfig(gemv=False, block_m=32, block_n=64, block_k=256, split_k=1, num_stages=2)]  # per-element scales
+RAGGED_TMA = [QuantConfig(gemv=False, block_n=64, block_k=128, split_k=3, swap=True, asm=True, tma=True),
+              QuantConfig(gemv=False, block_n=64, block_k=256, split_k=2, num_stages=2, tma=True)]  # K % 16 == 0, M <= 64 only
+
+
+def forced_configs(K: int, M: int) -> list:
+    """The forced configs a ragged bf16 case runs (the TMA ones where TMA's alignment rules allow)."""
+    return RAGGED_FORCED + (RAGGED_TMA if K % 16 == 0 and M <= 64 else [])
 
 
 def check_ragged(log) -> bool:
     """Ragged shapes, all dtypes, default configs and a few forced ones."""
     gen = torch.Generator(device=DEV).manual_seed(1)
     ok = True
-    forced = [None, *RAGGED_FORCED]
     sizes = RAGGED_SIZES if DEV == "cuda" else [(37, 150)]
     dtypes = (torch.bfloat16, torch.float16, torch.float32) if DEV == "cuda" else (torch.float32,)
     for bits, (N, K), dtype, M in itertools.product((8, 4), sizes, dtypes, (1, 3, 16, 64, 100) if DEV == "cuda" else (1, 17)):
         q, s, deq = make_weight(bits, N, K, gen)
         x = torch.randn(M, K, device=DEV, generator=gen).to(dtype)
         ref = x.float() @ deq.t()
-        for cfg in (forced if dtype == torch.bfloat16 else forced[:1]):
+        for cfg in [None] + (forced_configs(K, M) if dtype == torch.bfloat16 else []):
             try:
                 y = quant_matmul(x, q, s, bits, GROUP, cfg)
             except Exception as ex:  # e.g. a tile that needs more shared memory than this Triton allots
@@ -166,6 +176,14 @@ def check_e2e(log) -> bool:
             same = out.sequences.tolist() == ref.tolist()
             ok &= same
             log(f"e2e QuantizedCopy(bits={bits}, {kw}) on {DEV} == plain greedy: {same}; tau={out.stats.tau:.2f}")
+        if DEV == "cuda":  # bf16: the 16-bit kernels (TMA on sm_90) draft; near-ties may flip between
+            # kernels, so no equality here, but a broken draft kernel shows as tau ~ 1 (sixth-session bug)
+            m16 = tiny_model("llama", vocab=256).to(DEV, torch.bfloat16)
+            for bits, kw in itertools.product((8, 4), (dict(depth=4), dict(depth=3, branching=4, width=24))):
+                d = QuantizedCopy(m16, bits=bits, group_size=32, **kw)
+                out = specdec.generate(m16, ids, drafter=d, max_new_tokens=48, eos_token_id=[], budget=32)
+                ok &= out.stats.tau >= 1.5
+                log(f"e2e bf16 QuantizedCopy(bits={bits}, {kw}): tau={out.stats.tau:.2f} (needs >= 1.5)")
         return ok
     except Exception as e:  # report, keep benchmarking
         log(f"e2e FAILED with {type(e).__name__}: {e}")
@@ -211,7 +229,8 @@ def warm_tasks(args) -> list:
     tasks = []
     for bits in (8, 4):
         for M in MS:
-            cands = {default_config(M, N, K, bits, GROUP) for _, N, K in SHAPES}
+            dev = DEV if DEV == "cuda" and torch.cuda.is_available() else None  # (--compile-check: no GPU)
+            cands = {default_config(M, N, K, bits, GROUP, dev, dtype=torch.bfloat16) for _, N, K in SHAPES}
             if not args.no_sweep:
                 cands |= set(candidates(bits, M))
             tasks += [(bits, c, "bfloat16", N, K, M) for c in cands for N, K in ((1024, 4096), (4096, 14336))]
@@ -219,6 +238,7 @@ def warm_tasks(args) -> list:
             for dt in ("bfloat16", "float16", "float32"):
                 tasks += [(bits, None, dt, N, K, M) for N, K in RAGGED_SIZES]
             tasks += [(bits, c, "bfloat16", 77, 3001, M) for c in RAGGED_FORCED]
+            tasks += [(bits, c, "bfloat16", 1000, 1040, M) for c in forced_configs(1040, M)]
     return [t + (DEV,) for t in tasks]
 
 
@@ -233,10 +253,16 @@ def compile_check(args) -> int:
     from triton.compiler import ASTSource
 
     qm = importlib.import_module("drafters.kernels.quant_matmul")
+    qm.tma_device = lambda device: True  # the defaults of an sm_90 device (the target compiled for)
     names = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
     seen, bad = set(), 0
     for bits, cfg, dt, N, K, M, _ in warm_tasks(args):
-        cfg = cfg or default_config(M, N, K, bits, GROUP)
+        cfg = cfg or default_config(M, N, K, bits, GROUP, "cuda", dtype=getattr(torch, dt))
+        if cfg.tma and (K % 16 or dt == "float32"):
+            cfg = default_config(M, N, K, bits, GROUP, "cuda", dtype=getattr(torch, dt), tma=False)
+        if cfg.tma:
+            bad += _compile_tma(qm, bits, cfg, names[dt], N, K, M, seen)
+            continue
         KB = K if bits == 8 else -(-K // GROUP) * GROUP // 2
         bkb = cfg.block_k if bits == 8 else cfg.block_k // 2
         kps = -(-(-(-KB // max(1, cfg.split_k))) // bkb) * bkb
@@ -252,6 +278,7 @@ def compile_check(args) -> int:
                   MAGIC=cfg.magic, EVICT=cfg.evict_first, PREFETCH=cfg.prefetch)
         if cfg.gemv:
             ce["ACC_W"] = bkb // (GROUP // 2) if bits == 4 and bkb > GROUP // 2 else bkb
+            ce["HALF"] = ce["ASM"] = cfg.half and bits == 4 and xdt != "fp32"
         if cfg.gemv:
             fn = qm._qgemv_kernel
             ints = ["N", "K", "KB", "kb_per_split", "stride_xm", "stride_wn", "stride_ym"]
@@ -273,6 +300,48 @@ def compile_check(args) -> int:
             print(f"FAIL bits={bits} {dt} split={split} {cfg}: {type(e).__name__}: {str(e)[:300]}")
     print(f"compile check: {len(seen)} variants, {bad} failed or near the shared-memory limit")
     return 1 if bad else 0
+
+
+def _compile_tma(qm, bits: int, cfg: QuantConfig, xdt: str, N: int, K: int, M: int, seen: set) -> int:
+    """compile_check for one tensor-descriptor launch (``QuantConfig.tma``): 1 if it fails or nears
+    the shared-memory limit, else 0 (also 0 for a launch already compiled)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    KB = K if bits == 8 else -(-K // GROUP) * GROUP // 2
+    step = cfg.block_k if bits == 8 else cfg.block_k // 2
+    split = min(max(1, cfg.split_k), -(-KB // step))
+    split = -(-KB // (-(-(-(-KB // split)) // step) * step))
+    bm = max(16, triton.next_power_of_2(M))
+    key = (bits, cfg, xdt, split, bm)
+    if key in seen:
+        return 0
+    seen.add(key)
+    box = cfg.block_k if bits == 8 else GROUP // 2
+    sig = dict(x_desc=f"tensordesc<{xdt}[{bm}, {box}]>", w_desc=f"tensordesc<{'i8' if bits == 8 else 'u8'}[{cfg.block_n}, {box}]>",
+               s_ptr="*fp32", y_ptr="*" + xdt, ws_ptr="*fp32", cnt_ptr="*i32", M="i32", N="i32")
+    ce = dict(BLOCK_M=bm, BLOCK_N=cfg.block_n, SPLIT=split, STAGES=cfg.num_stages, ASM=cfg.asm, BF16=xdt == "bf16",
+              SWAP=cfg.swap)
+    if bits == 8:
+        fn = qm._q8_tma_kernel
+        sig.update(K="i32", k_per_split="i32", stride_ym="i32")
+        ce.update(BLOCK_K=cfg.block_k)
+    else:
+        fn = qm._q4_tma_kernel
+        sig.update(KB="i32", kb_per_split="i32", stride_ym="i32")
+        ce.update(GROUP=GROUP, GROUPS=cfg.block_k // GROUP)
+    sig.update({k: "constexpr" for k in ce})
+    try:
+        k = triton.compile(ASTSource(fn, sig, constexprs=ce), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=cfg.num_warps))
+        if k.metadata.shared > 160 * 1024:
+            print(f"WARN shared {k.metadata.shared >> 10} KiB: bits={bits} {xdt} M={M} split={split} {cfg}")
+            return 1
+    except Exception as e:
+        print(f"FAIL bits={bits} {xdt} M={M} split={split} {cfg}: {type(e).__name__}: {str(e)[:300]}")
+        return 1
+    return 0
 
 
 def bench(fns, warmup: int, rep: int) -> float:

@@ -153,6 +153,106 @@ def test_kernels_match_reference(bits, M):
             quant_matmul(x.float(), q, s, bits, G, HALF[0])
 
 
+TMA = [QuantConfig(gemv=False, block_n=64, block_k=128, num_stages=3, swap=True, tma=True),  # tensor descriptors
+       QuantConfig(gemv=False, block_n=32, block_k=64, split_k=3, num_stages=2, swap=True, tma=True, asm=True),
+       QuantConfig(gemv=False, block_n=64, block_k=256, split_k=2, tma=True)]  # not swapped: x @ W.T
+
+
+@pytest.mark.skipif(not INTERPRET, reason="Triton kernels run on CPU only under TRITON_INTERPRET=1 (scripts/test.sh)")
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("M", [1, 4, 16, 64])
+def test_tma_kernels_match_reference(bits, M):
+    """The tensor-descriptor kernels: ragged N and K (int8: K % 16 == 0, a TMA alignment rule, but
+    no multiple of any block; int4: K past the last whole group), split-K on and off, swapped or
+    not; out-of-bounds tiles read as zeros. Operands TMA cannot take raise one clear error."""
+    from specdec.kernels.skinny import _WORKSPACE as SKINNY_WS
+
+    g = torch.Generator().manual_seed(300 + 10 * bits + M)
+    N, K, G = 45, (208 if bits == 8 else 200), 32
+    w = torch.randn(N, K, generator=g) * 0.05
+    q, s = quantize_int8(w) if bits == 8 else quantize_int4(w, G)
+    x = torch.randn(M, K, generator=g).half()  # fp16: the interpreter's bf16 tl.dot is wrong
+    ref = quant_matmul_ref(x, q, s, bits, K, G).float()
+    for cfg in TMA:
+        y = quant_matmul(x, q, s, bits, G, cfg)
+        assert y.shape == (M, N) and y.dtype == torch.float16
+        rel = ((y.float() - ref).norm() / ref.norm()).item()
+        assert rel < 2e-3, (cfg, rel)
+    assert all((cnt == 0).all() for _, cnt in SKINNY_WS.values())  # split-K counters reset for the next call
+    xs = torch.randn(M, K + 1, generator=g).half()[:, 1:]  # a view 2 bytes past a 16-byte boundary
+    bad = [x.float(), xs]
+    if bits == 8:
+        bad.append(torch.randn(M, K - 8, generator=g).half())  # K % 16 != 0 (with a weight to match)
+    for xb in bad:
+        qb, sb = (quantize_int8(w[:, :xb.shape[1]]) if bits == 8 else (q, s))
+        with pytest.raises(ValueError, match="tma"):
+            quant_matmul(xb, qb, sb, bits, G, TMA[0])
+    if bits == 4:
+        q64, s64 = quantize_int4(w, 64)
+        with pytest.raises(ValueError, match="multiple of group_size"):
+            quant_matmul(x, q64, s64, bits, 64, QuantConfig(gemv=False, block_n=64, block_k=32, tma=True))
+
+
+@pytest.mark.skipif(not INTERPRET, reason="Triton kernels run on CPU only under TRITON_INTERPRET=1 (scripts/test.sh)")
+def test_tma_default_where_the_device_has_tma(monkeypatch):
+    """default_config picks the tensor-descriptor tiles only on a TMA device (faked here) for 16-bit
+    activations -- int4 at 2 < M <= 64, int8 at 16 < M <= 64 -- and quant_matmul falls back to
+    the other kernels when the operands break TMA's alignment rules (a K that is no multiple of 16)."""
+    qm = importlib.import_module("drafters.kernels.quant_matmul")
+    bf16 = torch.bfloat16
+    assert not qm.tma_device("cpu") and not qm.tma_device(None)
+    assert not default_config(64, 4096, 4096, 8, device=torch.device("cpu"), dtype=bf16).tma
+    monkeypatch.setattr(qm, "tma_device", lambda device: True)
+    cfg = default_config(64, 4096, 4096, 8, dtype=bf16)
+    assert cfg.tma and cfg.swap and cfg.block_n == 64 and cfg.split_k == 4
+    assert default_config(64, 14336, 4096, 8, dtype=bf16).split_k == 1  # N > K: enough tiles unsplit
+    assert default_config(4, 1024, 4096, 4, 128, dtype=bf16).tma
+    assert default_config(4, 1024, 4096, 4, 256, dtype=bf16).block_k == 256  # whole groups per step
+    assert not default_config(16, 4096, 4096, 8, dtype=bf16).tma  # int8 at <= 16 rows: the skinny kernel
+    assert not default_config(64, 4096, 4096, 8, dtype=torch.float32).tma
+    assert not default_config(2, 4096, 4096, 4, 128, dtype=bf16).tma  # one or two rows: the GEMV
+    assert not default_config(64, 4096, 4096, 8, dtype=bf16, tma=False).tma
+    calls = []
+    real = qm._launch_tma
+    monkeypatch.setattr(qm, "_launch_tma", lambda *a: calls.append(a[3]) or real(*a))
+    g = torch.Generator().manual_seed(5)
+    for bits, K, taken in ((8, 208, True), (8, 197, False), (4, 200, True), (4, 197, False)):
+        w = torch.randn(40, K, generator=g) * 0.05
+        q, s = quantize_int8(w) if bits == 8 else quantize_int4(w, 32)
+        x = torch.randn(20, K, generator=g).half()
+        n = len(calls)
+        y = quant_matmul(x, q, s, bits, 32)
+        assert (len(calls) > n) == taken, (bits, K)
+        ref = quant_matmul_ref(x, q, s, bits, K, 32).float()
+        assert ((y.float() - ref).norm() / ref.norm()).item() < 2e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET or torch.cuda.get_device_capability()[0] < 9,
+                    reason="TMA needs an sm_90+ GPU")
+def test_tma_defaults_bf16_and_in_a_cuda_graph_cuda():
+    """On a TMA GPU the defaults for 16-bit tree-width rows are the tensor-descriptor kernels (int8
+    above 16 rows, int4 above 2), with the inline-PTX widening in bf16; ragged N and K against the
+    fp32 reference, eager and replayed from a CUDA graph (the descriptors are launch arguments)."""
+    g = torch.Generator().manual_seed(21)
+    for bits, N, K, M in ((8, 1000, 1040, 40), (8, 4096, 4096, 64), (4, 1000, 1000, 5), (4, 4096, 4096, 64)):
+        w = torch.randn(N, K, generator=g) * 0.05
+        q, s = (t.cuda() for t in (quantize_int8(w) if bits == 8 else quantize_int4(w, 128)))
+        x = torch.randn(M, K, generator=g).to("cuda", torch.bfloat16)
+        assert default_config(M, N, K, bits, 128, x.device, dtype=x.dtype).tma
+        ref = quant_matmul_ref(x, q, s, bits, K, 128).float()
+        y = quant_matmul(x, q, s, bits, 128)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            yg = quant_matmul(x, q, s, bits, 128)
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+        for out in (y, yg):
+            rel = ((out.float() - ref).norm() / ref.norm()).item()
+            assert rel < 1e-2, (bits, N, K, M, rel)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="bf16 elementwise math and the inline PTX "
                     "need a GPU (the interpreter does not emulate bf16 arithmetic)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -58,10 +58,15 @@ try:  # Triton is a dependency, but keep the CPU path importable without it
     import triton.language as tl
 
     _HAS_TRITON = True
+    try:  # host tensor descriptors (TMA on sm_90), Triton >= 3.4
+        from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
+    except ImportError:  # pragma: no cover - older Triton: QuantConfig(tma=True) is refused
+        _TensorDescriptor = None
 except ImportError:  # pragma: no cover - exercised only on installs without Triton
     triton = None
     tl = None
     _HAS_TRITON = False
+    _TensorDescriptor = None
 
 __all__ = [
     "QuantConfig",
@@ -178,7 +183,11 @@ class QuantConfig:
     the target's skinny GEMM (:mod:`specdec.kernels.skinny`) instead: ``block_n`` weight rows per
     program against all M rows, plain software-pipelined loads, a deterministic split-K in one
     launch; int8 runs that kernel (the int8 tile widened on chip, the channel scale applied to the
-    fp32 accumulator), int4 ``_q4_skinny_kernel`` (one group per K step; ``asm`` as below). ``asm`` (int4 tensor-core kernel, CUDA, fp16/bf16 activations)
+    fp32 accumulator), int4 ``_q4_skinny_kernel`` (one group per K step; ``asm`` as below). ``tma``
+    (M <= 64, fp16/bf16 activations, 16-byte aligned rows) loads the weight and activation tiles through
+    tensor descriptors, ``num_stages`` deep (TMA on sm_90), ``block_n`` weight rows against all M rows
+    (``y.T = W @ x.T``), deterministic split-K as the skinny kernels: ``_q8_tma_kernel`` /
+    ``_q4_tma_kernel`` (int4: ``block_k`` a multiple of the group, ``asm`` widening). ``asm`` (int4 tensor-core kernel, CUDA, fp16/bf16 activations)
     widens 4 packed bytes to 8 16-bit values with 2 byte permutes, 4 logic ops and 4 packed
     subtractions (the magic-number dequantization of Kim et al. 2022,
     https://arxiv.org/abs/2211.10017, as Marlin uses it) instead of fp32 conversions.
@@ -197,6 +206,7 @@ class QuantConfig:
     prefetch: bool = False  # load the next weight tile before using the current one (register double buffer)
     asm: bool = False  # tensor-core int4: nibbles -> packed bf16/fp16 pairs with inline PTX (GPU, 16-bit x only)
     skinny: bool = False  # 2 < M <= 64, fp16/bf16 x: the skinny-GEMM layout (block_n, split_k; int8 also block_k)
+    tma: bool = False  # 16 < M <= 64 style tiles, fp16/bf16 x: W and x through tensor descriptors (see _q8_tma_kernel)
     half: bool = False  # int4 GEMV, fp16/bf16 x, tiles of whole groups: 16-bit products and group sums
     # (nibbles widened with the inline PTX of ``asm`` on CUDA; fp32 across groups; error ~ x's rounding)
 
@@ -213,8 +223,17 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
+def tma_device(device: torch.device | str | None) -> bool:
+    """Whether ``device`` is a GPU with tensor memory access (CUDA compute capability 9.0+) and this
+    Triton has host tensor descriptors: where :func:`default_config` may pick ``tma`` tiles."""
+    if _TensorDescriptor is None or device is None or torch.device(device).type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(torch.device(device))[0] >= 9
+
+
 def default_config(M: int, N: int, K: int, bits: int, group_size: int | None = None,
-                   device: torch.device | None = None, dtype: torch.dtype | None = None) -> QuantConfig:
+                   device: torch.device | None = None, dtype: torch.dtype | None = None,
+                   tma: bool = True) -> QuantConfig:
     """Heuristic tiles, read off the H200 sweep of ``benchmarks/bench_quant_kernels.py`` at the
     Llama-3-8B linear shapes (see ``notes/issue4_quant_bench_h200.md``) and generalised by N, K:
 
@@ -229,8 +248,22 @@ def default_config(M: int, N: int, K: int, bits: int, group_size: int | None = N
     probes of the sixth session (``notes/issue4_quantized.md``) found them faster: int8 for
     ``N <= K`` except ``down``-like shapes at M <= 16; int4 for every shape at M <= 16 and for
     ``N <= K <= 4096`` (q/o, k/v) above.
+
+    ``tma`` (default: on where :func:`tma_device` says TMA exists) lets the tensor-descriptor
+    kernels take what the fifteenth session's H200 sweep (``notes/issue4_quantized.md``) found
+    them faster at: int4 for 2 < M <= 64, int8 for 16 < M <= 64 -- 64 weight rows per program,
+    split-K to 128-512 programs on the 8B shapes (none for N > K, 8 ways for narrow N).
     """
-    del device  # the heuristics are per shape; kept for API stability
+    if (tma and bits in (4, 8) and 2 < M <= 64 and dtype in (torch.float16, torch.bfloat16)
+            and (bits == 4 or M > 16) and tma_device(device)):
+        if bits == 4:
+            G = group_size or 128
+            split = (8 if N <= K or N <= 2048 else 4) if M <= 16 else (1 if N > K else 8 if N <= 2048 else 4)
+            return QuantConfig(gemv=False, block_n=64, block_k=max(128, G), split_k=split, num_stages=3, swap=True,
+                               asm=True, tma=True)
+        split = 1 if N > K else 8 if N <= 2048 else 4
+        return QuantConfig(gemv=False, block_n=64, block_k=256 if N <= 2048 else 128, split_k=split,
+                           num_stages=3 if N == K or N <= 2048 else 4, swap=True, tma=True)
     if bits == 4 and 2 < M <= 64 and dtype in (torch.float16, torch.bfloat16) and (M <= 16 or N <= K <= 4096):
         if N <= 2048:  # narrow (k/v-like)
             return QuantConfig(gemv=False, block_n=32, block_k=128, split_k=8, num_stages=3, skinny=True, asm=True)
@@ -334,12 +367,40 @@ def _int4_to_16bit_ptx(magic: int, fmt: str) -> str:
     return "\n".join(lines)
 
 
+def _int8_to_16bit_ptx(bf16: bool) -> str:
+    """PTX for 4 packed int8 ($2) -> 4 exact 16-bit floats in two registers ($0: elements 0, 1; $1: 2, 3).
+    Both flip the sign bit first (``u = q + 128`` per byte, one ``xor`` for 4 bytes). fp16: ``0x6400 | u``
+    is ``1024 + u``; one packed subtract of 1152 leaves ``q``. bf16 has too few mantissa bits for that,
+    so each byte goes into an fp32 ``2**23 + u`` (``prmt``), minus ``2**23 + 128``, and the high halves
+    of two such floats (exact: integers below 256 leave the low 16 bits zero) form the bf16 pair
+    (the int8 dequantization of Marlin, https://arxiv.org/abs/2408.11743)."""
+    if not bf16:
+        return "\n".join(["{", ".reg .b32 u, k;", "xor.b32 u, $2, 0x80808080;", "mov.b32 k, 0x64646464;",
+                          "prmt.b32 $0, u, k, 0x4140;", "prmt.b32 $1, u, k, 0x4342;",
+                          "mov.b32 k, 0x64806480;", "sub.rn.f16x2 $0, $0, k;", "sub.rn.f16x2 $1, $1, k;", "}"])
+    lines = ["{", ".reg .b32 u, k, f0, f1, f2, f3;", "xor.b32 u, $2, 0x80808080;", "mov.b32 k, 0x4B000000;"]
+    lines += [f"prmt.b32 f{i}, u, k, 0x765{i};" for i in range(4)]
+    lines += [f"sub.rn.f32 f{i}, f{i}, 0f4B000080;" for i in range(4)]
+    lines += ["prmt.b32 $0, f0, f1, 0x7632;", "prmt.b32 $1, f2, f3, 0x7632;", "}"]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- Triton kernels
 if _HAS_TRITON:
     from specdec.kernels.skinny import store_y
 
     _PTX_INT4_BF16 = tl.constexpr(_int4_to_16bit_ptx(0x4300, "bf16x2"))  # bf16 0x4300 = 128
     _PTX_INT4_F16 = tl.constexpr(_int4_to_16bit_ptx(0x6400, "f16x2"))  # fp16 0x6400 = 1024
+    _PTX_INT8_BF16 = tl.constexpr(_int8_to_16bit_ptx(True))
+    _PTX_INT8_F16 = tl.constexpr(_int8_to_16bit_ptx(False))
+
+    @triton.jit
+    def _int8_16(q, BF16: tl.constexpr):
+        """int8 -> bf16 (BF16) or fp16, exact, 4 values per inline-PTX call (see :func:`_int8_to_16bit_ptx`)."""
+        if BF16:
+            return tl.inline_asm_elementwise(_PTX_INT8_BF16, "=r,=r,r", [q], dtype=tl.bfloat16, is_pure=True, pack=4)
+        else:
+            return tl.inline_asm_elementwise(_PTX_INT8_F16, "=r,=r,r", [q], dtype=tl.float16, is_pure=True, pack=4)
 
 
     @triton.jit
@@ -645,6 +706,99 @@ if _HAS_TRITON:
                 False, BLOCK_N, BLOCK_M, SPLIT)
 
 
+    @triton.jit
+    def _q8_tma_kernel(
+        x_desc, w_desc, s_ptr, y_ptr, ws_ptr, cnt_ptr,  # x[M, K] block [BM, BK], w[N, K] int8 block [BN, BK], s[N]
+        M, N, K, k_per_split, stride_ym,  # k_per_split: a multiple of BLOCK_K
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+        STAGES: tl.constexpr, ASM: tl.constexpr, BF16: tl.constexpr, SWAP: tl.constexpr,
+    ):
+        """W8A16 with both operands through tensor descriptors: on sm_90 each K step is a TMA copy
+        into shared memory that Triton pipelines ``STAGES`` deep (``tl.range(num_stages=)``), so a
+        program keeps several weight tiles in flight without registers -- pointer loads in the
+        tensor-core kernel above compile to synchronous loads (fourteenth-session probe,
+        ``notes/issue4_quantized.md``). The int8 tile is converted in registers and is the MMA's
+        left operand (``y.T = W @ x.T``); out-of-bounds rows and columns read as zeros; the channel
+        scale multiplies the fp32 accumulator; deterministic split-K through :func:`store_y`."""
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        off_n = pid * BLOCK_N
+        k_lo = pid_k * k_per_split
+        k_hi = tl.minimum(K, k_lo + k_per_split)
+        if SWAP:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y.T tile
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # y tile
+        for k in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
+            w = w_desc.load([off_n, k])  # [BN, BK] int8
+            xt = x_desc.load([0, k])  # [BM, BK]
+            if ASM:
+                w16 = _int8_16(w, BF16)  # [BN, BK]
+            else:
+                w16 = w.to(xt.dtype)  # exact: |q| <= 127
+            if SWAP:
+                acc = tl.dot(w16, tl.trans(xt), acc)
+            else:
+                acc = tl.dot(xt, tl.trans(w16), acc)
+        if not SWAP:
+            acc = tl.trans(acc)  # [BN, BM]
+        rn = off_n + tl.arange(0, BLOCK_N)  # [BN] output columns
+        rm = tl.arange(0, BLOCK_M)  # [BM]
+        n_ok = rn < N
+        acc *= tl.load(s_ptr + rn, mask=n_ok, other=0.0)[:, None]
+        store_y(acc, y_ptr, y_ptr, ws_ptr, cnt_ptr, rn, rm, n_ok, rm < M, stride_ym, pid, pid_k,
+                False, BLOCK_N, BLOCK_M, SPLIT)
+
+    @triton.jit
+    def _q4_tma_kernel(
+        x_desc, w_desc, s_ptr, y_ptr, ws_ptr, cnt_ptr,  # x[M, K] block [BM, G/2], w[N, Kp/2] uint8 block [BN, G/2], s[Kp/G, N]
+        M, N, KB, kb_per_split, stride_ym,  # kb_per_split: a multiple of GROUPS * G/2
+        GROUP: tl.constexpr, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        SPLIT: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, BF16: tl.constexpr, SWAP: tl.constexpr,
+    ):
+        """W4A16 in the layout of :func:`_q8_tma_kernel`: ``GROUPS`` whole groups per pipelined K
+        step, each ``G/2`` bytes of every weight row (one scale, two contiguous runs of x); nibbles
+        widened in registers (``ASM``: the inline PTX of :func:`_int4_pair_16`), two MMAs per group,
+        the group's partial product scaled into the fp32 accumulator. x columns past K read as zeros,
+        so the zero-padded tail group adds nothing."""
+        HG: tl.constexpr = GROUP // 2
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        off_n = pid * BLOCK_N
+        rn = off_n + tl.arange(0, BLOCK_N)  # [BN]
+        n_ok = rn < N
+        b_lo = pid_k * kb_per_split
+        b_hi = tl.minimum(KB, b_lo + kb_per_split)
+        if SWAP:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y.T tile
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # y tile
+        for b0 in tl.range(b_lo, b_hi, GROUPS * HG, num_stages=STAGES):
+            for g in tl.static_range(GROUPS):
+                grp = b0 // HG + g
+                p = w_desc.load([off_n, grp * HG])  # [BN, HG] uint8
+                xl = x_desc.load([0, grp * GROUP])  # [BM, HG] x of the low nibbles
+                xh = x_desc.load([0, grp * GROUP + HG])  # [BM, HG] x of the high nibbles
+                if ASM:
+                    lo, hi = _int4_pair_16(p, BF16)  # [BN, HG] exact 16-bit integers
+                else:
+                    lo, hi = _int4_pair(p, True)
+                    lo = lo.to(xl.dtype)
+                    hi = hi.to(xl.dtype)
+                s = tl.load(s_ptr + tl.minimum(grp, KB // HG - 1) * N + rn, mask=n_ok, other=0.0)  # groups past KB: x is 0 there
+                if SWAP:
+                    part = tl.dot(lo, tl.trans(xl))
+                    part = tl.dot(hi, tl.trans(xh), part)  # [BN, BM]
+                    acc += part * s[:, None]
+                else:
+                    part = tl.dot(xl, tl.trans(lo))
+                    part = tl.dot(xh, tl.trans(hi), part)  # [BM, BN]
+                    acc += part * s[None, :]
+        if not SWAP:
+            acc = tl.trans(acc)  # [BN, BM]
+        store_y(acc, y_ptr, y_ptr, ws_ptr, cnt_ptr, rn, tl.arange(0, BLOCK_M), n_ok, tl.arange(0, BLOCK_M) < M,
+                stride_ym, pid, pid_k, False, BLOCK_N, BLOCK_M, SPLIT)
+
 def _launch(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, K: int, group_size: int,
             config: QuantConfig | None) -> Tensor:
     if not _HAS_TRITON:
@@ -658,6 +812,8 @@ def _launch(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, K: int, group
     N, KB = qweight.shape  # KB: bytes per row
     G = group_size if bits == 4 else 1 << 30
     cfg = config or default_config(M, N, K, bits, group_size, x.device, dtype=x.dtype)
+    if config is None and cfg.tma and not tma_applies(x, qweight, bits, group_size):  # e.g. a ragged K
+        cfg = default_config(M, N, K, bits, group_size, x.device, dtype=x.dtype, tma=False)
     if cfg.skinny:
         if not 2 <= M <= 64 or x.dtype not in (torch.float16, torch.bfloat16):
             raise ValueError("QuantConfig(skinny=True) takes 2..64 rows of fp16 / bf16 activations")
@@ -667,6 +823,8 @@ def _launch(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, K: int, group
             return skinny_linear(x, qweight, None, dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
                                                         num_warps=cfg.num_warps, num_stages=cfg.num_stages), scale=scales)
         return _launch_q4_skinny(x, qweight, scales, K, group_size, cfg)
+    if cfg.tma:
+        return _launch_tma(x, qweight, scales, bits, K, group_size, cfg)
     bkb = cfg.block_k if bits == 8 else cfg.block_k // 2  # bytes per tile row
     split = max(1, cfg.split_k)
     kb_per_split = triton.cdiv(triton.cdiv(KB, split), bkb) * bkb  # multiple of BLOCK_KB
@@ -703,6 +861,58 @@ def _launch(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, K: int, group
             BITS=bits, GROUP=G, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KB=bkb,
             SPLIT=split, FP32=x.dtype == torch.float32, MAGIC=cfg.magic, SWAP=cfg.swap, EVICT=cfg.evict_first,
             PREFETCH=cfg.prefetch, ASM=use_asm, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return y
+
+
+def tma_applies(x: Tensor, qweight: Tensor, bits: int, group_size: int | None) -> bool:
+    """Whether :class:`QuantConfig` ``tma`` can take these operands: Triton's host tensor
+    descriptors, 1..64 rows of fp16 / bf16 activations, both operands' base addresses and row
+    strides 16-byte aligned (a TMA requirement), unit column stride; int4 groups of >= 32 (a
+    descriptor box of at least 16 bytes)."""
+    M = x.shape[0]
+    return (_TensorDescriptor is not None and 1 <= M <= 64 and x.dtype in (torch.float16, torch.bfloat16)
+            and (bits == 8 or (group_size or 0) >= 32)
+            and x.stride(1) == 1 and qweight.stride(1) == 1
+            and all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in (x, qweight)))
+
+
+def _launch_tma(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, K: int, G: int, cfg: QuantConfig) -> Tensor:
+    from specdec.kernels.skinny import workspace
+
+    if not tma_applies(x, qweight, bits, G):
+        raise ValueError("QuantConfig(tma=True) takes 1..64 rows of fp16 / bf16 activations with 16-byte aligned "
+                         "rows and base addresses (int8: K % 16 == 0, x: K % 8 == 0), int4 groups of >= 32, "
+                         "and Triton's TensorDescriptor")
+    M, (N, KB) = x.shape[0], qweight.shape
+    bm = max(16, triton.next_power_of_2(M))
+    if bits == 8:
+        step, box = cfg.block_k, cfg.block_k  # bytes = elements per K step; descriptor box width
+    else:
+        if cfg.block_k % G:
+            raise ValueError(f"int4 QuantConfig(tma=True) needs block_k a multiple of group_size {G}, got {cfg.block_k}")
+        step, box = cfg.block_k // 2, G // 2  # bytes per K step (whole groups); one group per descriptor load
+    split = min(max(1, cfg.split_k), triton.cdiv(KB, step))
+    kb_per_split = triton.cdiv(triton.cdiv(KB, split), step) * step  # whole steps per chunk
+    split = triton.cdiv(KB, kb_per_split)
+    tiles = triton.cdiv(N, cfg.block_n)
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    ws, cnt = workspace(x.device, tiles, cfg.block_n * bm, split) if split > 1 else (y, y)
+    x_desc = _TensorDescriptor.from_tensor(x, [bm, box])
+    w_desc = _TensorDescriptor.from_tensor(qweight, [cfg.block_n, box])
+    if bits == 8:
+        _q8_tma_kernel[(tiles, split)](
+            x_desc, w_desc, scales, y, ws, cnt, M, N, K, kb_per_split, y.stride(0),
+            BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split, STAGES=cfg.num_stages,
+            ASM=cfg.asm and x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1", BF16=x.dtype == torch.bfloat16,
+            SWAP=cfg.swap, num_warps=cfg.num_warps,
+        )
+    else:
+        use_asm = cfg.asm and x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+        _q4_tma_kernel[(tiles, split)](
+            x_desc, w_desc, scales, y, ws, cnt, M, N, KB, kb_per_split, y.stride(0),
+            GROUP=G, GROUPS=cfg.block_k // G, BLOCK_M=bm, BLOCK_N=cfg.block_n, SPLIT=split, STAGES=cfg.num_stages,
+            ASM=use_asm, BF16=x.dtype == torch.bfloat16, SWAP=cfg.swap, num_warps=cfg.num_warps,
         )
     return y
 
