@@ -321,8 +321,7 @@ def _compile_tma(qm, bits: int, cfg: QuantConfig, xdt: str, N: int, K: int, M: i
     box = cfg.block_k if bits == 8 else GROUP // 2
     sig = dict(x_desc=f"tensordesc<{xdt}[{bm}, {box}]>", w_desc=f"tensordesc<{'i8' if bits == 8 else 'u8'}[{cfg.block_n}, {box}]>",
                s_ptr="*fp32", y_ptr="*" + xdt, ws_ptr="*fp32", cnt_ptr="*i32", M="i32", N="i32")
-    ce = dict(BLOCK_M=bm, BLOCK_N=cfg.block_n, SPLIT=split, STAGES=cfg.num_stages, ASM=cfg.asm, BF16=xdt == "bf16",
-              SWAP=cfg.swap)
+    ce = dict(BLOCK_M=bm, BLOCK_N=cfg.block_n, SPLIT=split, STAGES=cfg.num_stages, SWAP=cfg.swap)
     if bits == 8:
         fn = qm._q8_tma_kernel
         sig.update(K="i32", k_per_split="i32", stride_ym="i32")
@@ -330,7 +329,7 @@ def _compile_tma(qm, bits: int, cfg: QuantConfig, xdt: str, N: int, K: int, M: i
     else:
         fn = qm._q4_tma_kernel
         sig.update(KB="i32", kb_per_split="i32", stride_ym="i32")
-        ce.update(GROUP=GROUP, GROUPS=cfg.block_k // GROUP)
+        ce.update(GROUP=GROUP, GROUPS=cfg.block_k // GROUP, ASM=cfg.asm, BF16=xdt == "bf16")
     sig.update({k: "constexpr" for k in ce})
     try:
         k = triton.compile(ASTSource(fn, sig, constexprs=ce), target=GPUTarget("cuda", 90, 32),

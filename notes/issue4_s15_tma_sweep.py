@@ -32,7 +32,7 @@ def variants(bits: int, N: int, lo: int = 60) -> list[tuple[str, QuantConfig]]:
         for bk in env("BKS", "128,256"):
             for stages in env("STAGES", "3,5"):
                 for split in env("SPLITS", "1,2,4,8"):
-                    for warps, asm, swap in itertools.product(env("WARPS", "0"), env("ASMS", "1" if bits == 4 else "0"),
+                    for warps, asm, swap in itertools.product(env("WARPS", "0"), env("ASMS", "1" if bits == 4 else "0")  # int8: no effect since the session's end,
                                                               env("SWAPS", "1")):
                         if lo <= -(-N // bn) * split <= 1200:  # warps 0: 4 for 64 rows, 8 above
                             cfg = QuantConfig(gemv=False, block_n=bn, block_k=bk, split_k=split, num_stages=stages,

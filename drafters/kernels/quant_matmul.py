@@ -367,40 +367,12 @@ def _int4_to_16bit_ptx(magic: int, fmt: str) -> str:
     return "\n".join(lines)
 
 
-def _int8_to_16bit_ptx(bf16: bool) -> str:
-    """PTX for 4 packed int8 ($2) -> 4 exact 16-bit floats in two registers ($0: elements 0, 1; $1: 2, 3).
-    Both flip the sign bit first (``u = q + 128`` per byte, one ``xor`` for 4 bytes). fp16: ``0x6400 | u``
-    is ``1024 + u``; one packed subtract of 1152 leaves ``q``. bf16 has too few mantissa bits for that,
-    so each byte goes into an fp32 ``2**23 + u`` (``prmt``), minus ``2**23 + 128``, and the high halves
-    of two such floats (exact: integers below 256 leave the low 16 bits zero) form the bf16 pair
-    (the int8 dequantization of Marlin, https://arxiv.org/abs/2408.11743)."""
-    if not bf16:
-        return "\n".join(["{", ".reg .b32 u, k;", "xor.b32 u, $2, 0x80808080;", "mov.b32 k, 0x64646464;",
-                          "prmt.b32 $0, u, k, 0x4140;", "prmt.b32 $1, u, k, 0x4342;",
-                          "mov.b32 k, 0x64806480;", "sub.rn.f16x2 $0, $0, k;", "sub.rn.f16x2 $1, $1, k;", "}"])
-    lines = ["{", ".reg .b32 u, k, f0, f1, f2, f3;", "xor.b32 u, $2, 0x80808080;", "mov.b32 k, 0x4B000000;"]
-    lines += [f"prmt.b32 f{i}, u, k, 0x765{i};" for i in range(4)]
-    lines += [f"sub.rn.f32 f{i}, f{i}, 0f4B000080;" for i in range(4)]
-    lines += ["prmt.b32 $0, f0, f1, 0x7632;", "prmt.b32 $1, f2, f3, 0x7632;", "}"]
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------- Triton kernels
 if _HAS_TRITON:
     from specdec.kernels.skinny import store_y
 
     _PTX_INT4_BF16 = tl.constexpr(_int4_to_16bit_ptx(0x4300, "bf16x2"))  # bf16 0x4300 = 128
     _PTX_INT4_F16 = tl.constexpr(_int4_to_16bit_ptx(0x6400, "f16x2"))  # fp16 0x6400 = 1024
-    _PTX_INT8_BF16 = tl.constexpr(_int8_to_16bit_ptx(True))
-    _PTX_INT8_F16 = tl.constexpr(_int8_to_16bit_ptx(False))
-
-    @triton.jit
-    def _int8_16(q, BF16: tl.constexpr):
-        """int8 -> bf16 (BF16) or fp16, exact, 4 values per inline-PTX call (see :func:`_int8_to_16bit_ptx`)."""
-        if BF16:
-            return tl.inline_asm_elementwise(_PTX_INT8_BF16, "=r,=r,r", [q], dtype=tl.bfloat16, is_pure=True, pack=4)
-        else:
-            return tl.inline_asm_elementwise(_PTX_INT8_F16, "=r,=r,r", [q], dtype=tl.float16, is_pure=True, pack=4)
 
 
     @triton.jit
@@ -711,7 +683,7 @@ if _HAS_TRITON:
         x_desc, w_desc, s_ptr, y_ptr, ws_ptr, cnt_ptr,  # x[M, K] block [BM, BK], w[N, K] int8 block [BN, BK], s[N]
         M, N, K, k_per_split, stride_ym,  # k_per_split: a multiple of BLOCK_K
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-        STAGES: tl.constexpr, ASM: tl.constexpr, BF16: tl.constexpr, SWAP: tl.constexpr,
+        STAGES: tl.constexpr, SWAP: tl.constexpr,
     ):
         """W8A16 with both operands through tensor descriptors: on sm_90 each K step is a TMA copy
         into shared memory that Triton pipelines ``STAGES`` deep (``tl.range(num_stages=)``), so a
@@ -732,10 +704,7 @@ if _HAS_TRITON:
         for k in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
             w = w_desc.load([off_n, k])  # [BN, BK] int8
             xt = x_desc.load([0, k])  # [BM, BK]
-            if ASM:
-                w16 = _int8_16(w, BF16)  # [BN, BK]
-            else:
-                w16 = w.to(xt.dtype)  # exact: |q| <= 127
+            w16 = w.to(xt.dtype)  # [BN, BK], exact: |q| <= 127 (an inline-PTX widening was 1-4 % slower)
             if SWAP:
                 acc = tl.dot(w16, tl.trans(xt), acc)
             else:
@@ -904,7 +873,6 @@ def _launch_tma(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, K: int, G
         _q8_tma_kernel[(tiles, split)](
             x_desc, w_desc, scales, y, ws, cnt, M, N, K, kb_per_split, y.stride(0),
             BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split, STAGES=cfg.num_stages,
-            ASM=cfg.asm and x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1", BF16=x.dtype == torch.bfloat16,
             SWAP=cfg.swap, num_warps=cfg.num_warps,
         )
     else:
