@@ -32,13 +32,15 @@ def variants(bits: int, N: int, lo: int = 60) -> list[tuple[str, QuantConfig]]:
         for bk in env("BKS", "128,256"):
             for stages in env("STAGES", "3,5"):
                 for split in env("SPLITS", "1,2,4,8"):
-                    for warps, asm, swap in itertools.product(env("WARPS", "0"), env("ASMS", "1" if bits == 4 else "0")  # int8: no effect since the session's end,
-                                                              env("SWAPS", "1")):
+                    # ASMS: int8 ignores it since the session's end (its inline PTX was removed)
+                    for warps, asm, swap in itertools.product(
+                            env("WARPS", "0"), env("ASMS", "1" if bits == 4 else "0"), env("SWAPS", "1")):
                         if lo <= -(-N // bn) * split <= 1200:  # warps 0: 4 for 64 rows, 8 above
                             cfg = QuantConfig(gemv=False, block_n=bn, block_k=bk, split_k=split, num_stages=stages,
                                               num_warps=warps or (4 if bn == 64 else 8), tma=True, asm=bool(asm),
                                               swap=bool(swap))
-                            out.append((f"bn{bn}bk{bk}s{stages}k{split}w{cfg.num_warps}" + "a" * asm + "n" * (1 - swap), cfg))
+                            out.append((f"bn{bn}bk{bk}s{stages}k{split}w{cfg.num_warps}" + "a" * asm
+                                        + "n" * (1 - swap), cfg))
     return out
 
 
