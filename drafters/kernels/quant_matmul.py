@@ -223,12 +223,19 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
+_TMA_DEVICE: dict[int, bool] = {}
+
+
 def tma_device(device: torch.device | str | None) -> bool:
     """Whether ``device`` is a GPU with tensor memory access (CUDA compute capability 9.0+) and this
     Triton has host tensor descriptors: where :func:`default_config` may pick ``tma`` tiles."""
     if _TensorDescriptor is None or device is None or torch.device(device).type != "cuda":
         return False
-    return torch.cuda.get_device_capability(torch.device(device))[0] >= 9
+    d = torch.device(device)
+    idx = d.index if d.index is not None else torch.cuda.current_device()
+    if idx not in _TMA_DEVICE:  # (default_config runs on every call without a config: keep it cheap)
+        _TMA_DEVICE[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+    return _TMA_DEVICE[idx]
 
 
 def default_config(M: int, N: int, K: int, bits: int, group_size: int | None = None,
@@ -679,6 +686,14 @@ if _HAS_TRITON:
 
 
     @triton.jit
+    def _zero_acc(BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SWAP: tl.constexpr):
+        """fp32 zeros for a ``y.T`` tile ``[BN, BM]`` (SWAP) or a ``y`` tile ``[BM, BN]``."""
+        if SWAP:
+            return tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            return tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    @triton.jit
     def _q8_tma_kernel(
         x_desc, w_desc, s_ptr, y_ptr, ws_ptr, cnt_ptr,  # x[M, K] block [BM, BK], w[N, K] int8 block [BN, BK], s[N]
         M, N, K, k_per_split, stride_ym,  # k_per_split: a multiple of BLOCK_K
@@ -697,10 +712,7 @@ if _HAS_TRITON:
         off_n = pid * BLOCK_N
         k_lo = pid_k * k_per_split
         k_hi = tl.minimum(K, k_lo + k_per_split)
-        if SWAP:
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y.T tile
-        else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # y tile
+        acc = _zero_acc(BLOCK_N, BLOCK_M, SWAP)
         for k in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
             w = w_desc.load([off_n, k])  # [BN, BK] int8
             xt = x_desc.load([0, k])  # [BM, BK]
@@ -738,10 +750,7 @@ if _HAS_TRITON:
         n_ok = rn < N
         b_lo = pid_k * kb_per_split
         b_hi = tl.minimum(KB, b_lo + kb_per_split)
-        if SWAP:
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y.T tile
-        else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # y tile
+        acc = _zero_acc(BLOCK_N, BLOCK_M, SWAP)
         for b0 in tl.range(b_lo, b_hi, GROUPS * HG, num_stages=STAGES):
             for g in tl.static_range(GROUPS):
                 grp = b0 // HG + g
