@@ -94,7 +94,7 @@ def candidates(bits: int, M: int) -> list[QuantConfig]:
     # tensor descriptors (TMA): 64 weight rows per program, the pipeline depth and split-K of the
     # fifteenth session's sweep (notes/issue4_s15_tma_sweep.py)
     out += [QuantConfig(gemv=False, block_n=64, block_k=bk, split_k=sk, num_stages=st, swap=True, asm=bits == 4, tma=True)
-            for bk in (128, 256) for sk in (1, 4, 8) for st in (3, 4)]
+            for bk in (128, 256) for sk in (1, 4, 8) for st in ((3, 4) if bk == 128 else (3,))]  # (int8 256 x 4: 176 KiB)
     return out
 
 
