@@ -1,0 +1,189 @@
+"""Probe: a hand-written CUDA int4 GEMV (M = 1, bf16 x) for the library's packed format, built with
+``torch.utils.cpp_extension.load_inline`` on the GPU machine (nvcc 13), against the library's Triton
+GEMV and cuBLAS bf16 at the Llama-3-8B shapes.
+
+Format (``quantize_int4``): ``packed[N, Kp/2]`` uint8, group-local half split (byte o of group g:
+element g*G + o in the low nibble, g*G + G/2 + o in the high one), fp32 scales ``s[Kp/G, N]``.
+Kernel: R weight rows per warp sharing every x load, x staged once per block in shared memory, every lane issues all
+its 16-byte weight loads of a chunk before any math (explicit memory-level parallelism), nibbles
+widened with the library's PTX (``prmt`` / ``lop3`` / packed subtract), bf16x2 FMAs within a
+16-byte vector, fp32 across vectors with the group scale, one warp reduction per row at the end. (``RUN3=1``: the third recorded run's launch shapes.)
+
+Run: ``PYTHONPATH=. python notes/issue4_s15_cuda_gemv_probe.py`` (GPU). JSON to ``$OUT``."""
+import json
+import os
+
+import torch
+
+CUDA_SRC = r"""
+#include <torch/extension.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <ATen/cuda/CUDAContext.h>
+
+// 4 packed bytes -> 4 low-nibble values (lo0: bytes 0,1; lo1: bytes 2,3) and 4 high ones, bf16x2, n - 8
+__device__ __forceinline__ void widen(uint32_t w, uint32_t& lo0, uint32_t& lo1, uint32_t& hi0, uint32_t& hi1) {
+  uint32_t t0, t1;
+  asm("prmt.b32 %0, %1, 0, 0x4140;" : "=r"(t0) : "r"(w));
+  asm("prmt.b32 %0, %1, 0, 0x4342;" : "=r"(t1) : "r"(w));
+  const uint32_t k = 0x43084308u;  // bf16 136 | 136
+  asm("lop3.b32 %0, %1, 0x000F000F, 0x43004300, 0xEA;" : "=r"(lo0) : "r"(t0));
+  asm("lop3.b32 %0, %1, 0x000F000F, 0x43004300, 0xEA;" : "=r"(lo1) : "r"(t1));
+  t0 >>= 4; t1 >>= 4;
+  asm("lop3.b32 %0, %1, 0x000F000F, 0x43004300, 0xEA;" : "=r"(hi0) : "r"(t0));
+  asm("lop3.b32 %0, %1, 0x000F000F, 0x43004300, 0xEA;" : "=r"(hi1) : "r"(t1));
+  asm("sub.rn.bf16x2 %0, %0, %1;" : "+r"(lo0) : "r"(k));
+  asm("sub.rn.bf16x2 %0, %0, %1;" : "+r"(lo1) : "r"(k));
+  asm("sub.rn.bf16x2 %0, %0, %1;" : "+r"(hi0) : "r"(k));
+  asm("sub.rn.bf16x2 %0, %0, %1;" : "+r"(hi1) : "r"(k));
+}
+
+__device__ __forceinline__ __nv_bfloat162 as_b2(uint32_t v) { return *reinterpret_cast<__nv_bfloat162*>(&v); }
+
+template <int G, int CHUNK, int R>
+__global__ void q4_gemv(const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ w, const float* __restrict__ s,
+                        __nv_bfloat16* __restrict__ y, int N, int K, int KB, int rows_per_block) {
+  // R rows per warp share every x load (the Triton GEMV's rows-per-thread reuse)
+  extern __shared__ __align__(16) __nv_bfloat16 xs[];  // [Kp]
+  const int Kp = KB * 2;
+  for (int i = threadIdx.x * 8; i < Kp; i += blockDim.x * 8) {
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (i + 8 <= K) v = *reinterpret_cast<const uint4*>(x + i);
+    else for (int j = 0; j < 8; ++j) reinterpret_cast<__nv_bfloat16*>(&v)[j] = (i + j < K) ? x[i + j] : __float2bfloat16(0.f);
+    *reinterpret_cast<uint4*>(xs + i) = v;
+  }
+  __syncthreads();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int HG = G / 2;
+  for (int r0 = warp * R; r0 < rows_per_block; r0 += (blockDim.x >> 5) * R) {
+    const int n0 = blockIdx.x * rows_per_block + r0;
+    if (n0 >= N) break;
+    const int nvec = KB / 16;
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = 0.f;
+    for (int v0 = 0; v0 < nvec; v0 += 32 * CHUNK) {
+      uint4 p[CHUNK][R];
+#pragma unroll
+      for (int c = 0; c < CHUNK; ++c) {
+        int v = v0 + c * 32 + lane;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          int n = min(n0 + r, N - 1);
+          p[c][r] = v < nvec ? __ldcs(reinterpret_cast<const uint4*>(w + (size_t)n * KB) + v)
+                             : make_uint4(0x88888888u, 0x88888888u, 0x88888888u, 0x88888888u);
+        }
+      }
+#pragma unroll
+      for (int c = 0; c < CHUNK; ++c) {
+        int v = v0 + c * 32 + lane;
+        if (v >= nvec) break;
+        int b = v * 16;
+        int g = b / HG, o = b % HG;
+        const uint4* xl = reinterpret_cast<const uint4*>(xs + g * G + o);
+        const uint4* xh = reinterpret_cast<const uint4*>(xs + g * G + HG + o);
+        uint4 xv[4] = {xl[0], xl[1], xh[0], xh[1]};
+        const uint32_t* xw = reinterpret_cast<const uint32_t*>(xv);  // [0..7] low-half x pairs, [8..15] high
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const uint32_t* pw = reinterpret_cast<const uint32_t*>(&p[c][r]);
+          __nv_bfloat162 a = __float2bfloat162_rn(0.f);
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            uint32_t lo0, lo1, hi0, hi1;
+            widen(pw[q], lo0, lo1, hi0, hi1);
+            a = __hfma2(as_b2(lo0), as_b2(xw[2 * q]), a);
+            a = __hfma2(as_b2(lo1), as_b2(xw[2 * q + 1]), a);
+            a = __hfma2(as_b2(hi0), as_b2(xw[8 + 2 * q]), a);
+            a = __hfma2(as_b2(hi1), as_b2(xw[8 + 2 * q + 1]), a);
+          }
+          float2 f = __bfloat1622float2(a);
+          acc[r] = fmaf(f.x + f.y, __ldg(s + (size_t)g * N + min(n0 + r, N - 1)), acc[r]);
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float t = acc[r];
+#pragma unroll
+      for (int m = 16; m > 0; m >>= 1) t += __shfl_xor_sync(0xffffffffu, t, m);
+      if (lane == 0 && n0 + r < N) y[n0 + r] = __float2bfloat16(t);
+    }
+  }
+}
+
+torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t K, int64_t rows_per_block, int64_t threads,
+                   int64_t chunk, int64_t R) {
+  const int N = w.size(0), KB = w.size(1);
+  auto y = torch::empty({1, N}, x.options());
+  const int blocks = (N + rows_per_block - 1) / rows_per_block;
+  const size_t smem = (size_t)KB * 2 * sizeof(__nv_bfloat16);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  auto xp = reinterpret_cast<const __nv_bfloat16*>(x.data_ptr<at::BFloat16>());
+  auto yp = reinterpret_cast<__nv_bfloat16*>(y.data_ptr<at::BFloat16>());
+#define LAUNCH(C, RR) { auto kern = q4_gemv<128, C, RR>; \
+    cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem); \
+    kern<<<blocks, threads, smem, stream>>>(xp, w.data_ptr<uint8_t>(), s.data_ptr<float>(), yp, N, (int)K, KB, rows_per_block); }
+  if (R == 1) { if (chunk == 2) LAUNCH(2, 1) else if (chunk == 4) LAUNCH(4, 1) else LAUNCH(8, 1) }
+  else if (R == 2) { if (chunk == 1) LAUNCH(1, 2) else if (chunk == 2) LAUNCH(2, 2) else if (chunk == 4) LAUNCH(4, 2)
+                     else LAUNCH(8, 2) }
+  else { if (chunk == 1) LAUNCH(1, 4) else LAUNCH(2, 4) }
+  return y;
+}
+"""
+CPP_SRC = ("torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t K, int64_t rows_per_block, "
+           "int64_t threads, int64_t chunk, int64_t R);")
+
+
+# (rows per block, threads per block, 16-byte loads per lane in flight per row, rows per warp); the
+# recorded runs: R = 1 only (``..._r1.json``), then these (``..._r2.json``), then RUN3 (``..._r3.json``)
+LAUNCHES = [(16, 512, 2, 1), (8, 256, 4, 1), (16, 256, 2, 2), (16, 256, 1, 2), (32, 512, 2, 2), (8, 128, 2, 2),
+            (16, 128, 4, 2), (32, 256, 1, 4), (32, 256, 2, 4), (16, 128, 1, 4), (64, 512, 1, 4), (16, 256, 4, 2)]
+RUN3 = [(16, 256, 4, 2), (16, 256, 8, 2), (16, 256, 1, 2), (32, 512, 4, 2), (8, 128, 4, 2), (8, 128, 8, 2),
+        (4, 64, 4, 2), (4, 64, 8, 2), (4, 128, 4, 1), (4, 128, 8, 1), (8, 256, 8, 1), (32, 256, 2, 4), (16, 128, 2, 4)]
+if os.environ.get("RUN3"):
+    LAUNCHES = RUN3
+
+
+def main() -> None:
+    from torch.utils.cpp_extension import load_inline
+
+    import benchmarks.bench_quant_kernels as bq
+    from drafters.kernels.quant_matmul import quant_matmul
+
+    torch.inference_mode().__enter__()
+    mod = load_inline("q4gemv_probe", CPP_SRC, cuda_sources=CUDA_SRC, functions=["gemv"], verbose=False,
+                      extra_cuda_cflags=["-O3", "-arch=sm_90a", "--use_fast_math"])
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for name, N, K in bq.SHAPES:
+        ncopy = max(2, -(-(2 * 60 << 20) // (N * K // 2)))
+        ws = [bq.make_weight(4, N, K, gen) for _ in range(ncopy)]
+        wb = [w[2].to(torch.bfloat16) for w in ws]
+        x = torch.randn(1, K, device="cuda", generator=gen).to(torch.bfloat16)
+        ref = x.float() @ ws[0][2].T
+        t_cublas = bq.bench([lambda w=w: x @ w.T for w in wb], 25, 100) * 1e3
+        t_lib = bq.bench([lambda q=q, s=s: quant_matmul(x, q, s, 4, bq.GROUP) for q, s, _ in ws], 25, 100) * 1e3
+        res = {}
+        for rpb, threads, chunk, R in LAUNCHES:
+            key = f"r{rpb}t{threads}c{chunk}R{R}"
+            try:
+                err = bq.rel_err(mod.gemv(x, ws[0][0], ws[0][1], K, rpb, threads, chunk, R), ref)
+                t = bq.bench([lambda q=q, s=s: mod.gemv(x, q, s, K, rpb, threads, chunk, R) for q, s, _ in ws], 25, 100) * 1e3
+            except Exception as e:
+                print("fail", key, type(e).__name__, str(e)[:200], flush=True)
+                continue
+            res[key] = (t, err)
+        best = min(((t, k) for k, (t, e) in res.items() if e < 2e-2), default=(float("nan"), None))
+        rows.append(dict(layer=name, N=N, K=K, cublas_us=t_cublas, lib_us=t_lib, cuda=res, best=best))
+        print(f"{name}: cuBLAS {t_cublas:.2f} us, library {t_lib:.2f} ({t_cublas / t_lib:.2f}x), CUDA best {best[1]} "
+              f"{best[0]:.2f} ({t_cublas / best[0]:.2f}x); errs {sorted(set(round(e, 4) for t, e in res.values()))[:3]}",
+              flush=True)
+        with open(os.path.join(os.environ.get("OUT", "."), "s15_cuda_gemv.json"), "w") as fh:
+            json.dump(rows, fh, indent=1)
+        del ws, wb
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
