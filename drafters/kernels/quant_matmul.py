@@ -424,6 +424,16 @@ if _HAS_TRITON:
         return res[0], res[1]
 
     @triton.jit
+    def _int4_halves(p, like, ASM: tl.constexpr, BF16: tl.constexpr):
+        """Packed bytes -> (low, high) nibble values - 8 in ``like``'s 16-bit dtype: the inline PTX of
+        :func:`_int4_pair_16` (ASM, CUDA) or the fp32 path converted (the interpreter)."""
+        if ASM:
+            return _int4_pair_16(p, BF16)
+        else:
+            lo, hi = _int4_pair(p, True)
+            return lo.to(like.dtype), hi.to(like.dtype)
+
+    @triton.jit
     def _load_w(w_ptr, offs_n, mask_n, offs_b, b_end, stride_wn, OTHER: tl.constexpr, EVICT: tl.constexpr):
         """One weight tile ``[BN, BKB]`` (bytes ``offs_b`` of rows ``offs_n``); bytes >= b_end read as OTHER."""
         ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_b[None, :]
@@ -672,12 +682,7 @@ if _HAS_TRITON:
             e = (b0 // HG) * GROUP + tl.arange(0, HG)  # [HG] K index of the low nibbles
             xl = tl.load(x_rows + e[None, :], mask=m_ok[:, None] & (e < K)[None, :], other=0.0)  # [BM, HG]
             xh = tl.load(x_rows + e[None, :] + HG, mask=m_ok[:, None] & (e + HG < K)[None, :], other=0.0)
-            if ASM:
-                lo, hi = _int4_pair_16(p, BF16)  # [BN, HG] exact 16-bit integers
-            else:
-                lo, hi = _int4_pair(p, True)
-                lo = lo.to(xl.dtype)
-                hi = hi.to(xl.dtype)
+            lo, hi = _int4_halves(p, xl, ASM, BF16)  # [BN, HG] exact 16-bit integers
             part = tl.dot(lo, tl.trans(xl))
             part = tl.dot(hi, tl.trans(xh), part)  # [BN, BM]
             acc += part * tl.load(s_ptr + (b0 // HG) * N + rn, mask=n_ok, other=0.0)[:, None]
@@ -757,12 +762,7 @@ if _HAS_TRITON:
                 p = w_desc.load([off_n, grp * HG])  # [BN, HG] uint8
                 xl = x_desc.load([0, grp * GROUP])  # [BM, HG] x of the low nibbles
                 xh = x_desc.load([0, grp * GROUP + HG])  # [BM, HG] x of the high nibbles
-                if ASM:
-                    lo, hi = _int4_pair_16(p, BF16)  # [BN, HG] exact 16-bit integers
-                else:
-                    lo, hi = _int4_pair(p, True)
-                    lo = lo.to(xl.dtype)
-                    hi = hi.to(xl.dtype)
+                lo, hi = _int4_halves(p, xl, ASM, BF16)  # [BN, HG] exact 16-bit integers
                 s = tl.load(s_ptr + tl.minimum(grp, KB // HG - 1) * N + rn, mask=n_ok, other=0.0)  # groups past KB: x is 0 there
                 if SWAP:
                     part = tl.dot(lo, tl.trans(xl))
