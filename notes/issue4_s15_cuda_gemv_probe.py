@@ -7,7 +7,8 @@ element g*G + o in the low nibble, g*G + G/2 + o in the high one), fp32 scales `
 Kernel: R weight rows per warp sharing every x load, x staged once per block in shared memory, every lane issues all
 its 16-byte weight loads of a chunk before any math (explicit memory-level parallelism), nibbles
 widened with the library's PTX (``prmt`` / ``lop3`` / packed subtract), bf16x2 FMAs within a
-16-byte vector, fp32 across vectors with the group scale, one warp reduction per row at the end. (``RUN3=1``: the third recorded run's launch shapes.)
+16-byte vector, fp32 across vectors with the group scale, one warp reduction per row at the end. (``RUN3=1`` / ``RUN4=1``: the third / fourth recorded runs'
+launch shapes; the fourth adds x read through L1 instead of staged in shared memory.)
 
 Run: ``PYTHONPATH=. python notes/issue4_s15_cuda_gemv_probe.py`` (GPU). JSON to ``$OUT``."""
 import json
@@ -40,19 +41,20 @@ __device__ __forceinline__ void widen(uint32_t w, uint32_t& lo0, uint32_t& lo1, 
 
 __device__ __forceinline__ __nv_bfloat162 as_b2(uint32_t v) { return *reinterpret_cast<__nv_bfloat162*>(&v); }
 
-template <int G, int CHUNK, int R>
+template <int G, int CHUNK, int R, bool SMEM>
 __global__ void q4_gemv(const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ w, const float* __restrict__ s,
                         __nv_bfloat16* __restrict__ y, int N, int K, int KB, int rows_per_block) {
   // R rows per warp share every x load (the Triton GEMV's rows-per-thread reuse)
-  extern __shared__ __align__(16) __nv_bfloat16 xs[];  // [Kp]
+  extern __shared__ __align__(16) __nv_bfloat16 xs[];  // [Kp] (SMEM; else x is read through L1, K == Kp)
   const int Kp = KB * 2;
-  for (int i = threadIdx.x * 8; i < Kp; i += blockDim.x * 8) {
+  for (int i = threadIdx.x * 8; SMEM && i < Kp; i += blockDim.x * 8) {
     uint4 v = make_uint4(0, 0, 0, 0);
     if (i + 8 <= K) v = *reinterpret_cast<const uint4*>(x + i);
     else for (int j = 0; j < 8; ++j) reinterpret_cast<__nv_bfloat16*>(&v)[j] = (i + j < K) ? x[i + j] : __float2bfloat16(0.f);
     *reinterpret_cast<uint4*>(xs + i) = v;
   }
-  __syncthreads();
+  if (SMEM) __syncthreads();
+  const __nv_bfloat16* xb = SMEM ? xs : x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int HG = G / 2;
   for (int r0 = warp * R; r0 < rows_per_block; r0 += (blockDim.x >> 5) * R) {
@@ -80,9 +82,11 @@ __global__ void q4_gemv(const __nv_bfloat16* __restrict__ x, const uint8_t* __re
         if (v >= nvec) break;
         int b = v * 16;
         int g = b / HG, o = b % HG;
-        const uint4* xl = reinterpret_cast<const uint4*>(xs + g * G + o);
-        const uint4* xh = reinterpret_cast<const uint4*>(xs + g * G + HG + o);
-        uint4 xv[4] = {xl[0], xl[1], xh[0], xh[1]};
+        const uint4* xl = reinterpret_cast<const uint4*>(xb + g * G + o);
+        const uint4* xh = reinterpret_cast<const uint4*>(xb + g * G + HG + o);
+        uint4 xv[4];
+        if (SMEM) { xv[0] = xl[0]; xv[1] = xl[1]; xv[2] = xh[0]; xv[3] = xh[1]; }
+        else { xv[0] = __ldg(xl); xv[1] = __ldg(xl + 1); xv[2] = __ldg(xh); xv[3] = __ldg(xh + 1); }
         const uint32_t* xw = reinterpret_cast<const uint32_t*>(xv);  // [0..7] low-half x pairs, [8..15] high
 #pragma unroll
         for (int r = 0; r < R; ++r) {
@@ -112,37 +116,59 @@ __global__ void q4_gemv(const __nv_bfloat16* __restrict__ x, const uint8_t* __re
   }
 }
 
+template <int C, int RR, bool SM>
+void launch(const __nv_bfloat16* xp, const uint8_t* wp, const float* sp, __nv_bfloat16* yp, int N, int K, int KB,
+            int rows_per_block, int blocks, int threads, cudaStream_t stream) {
+  auto kern = q4_gemv<128, C, RR, SM>;
+  const int smem = SM ? KB * 2 * (int)sizeof(__nv_bfloat16) : 0;
+  if (SM) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  kern<<<blocks, threads, smem, stream>>>(xp, wp, sp, yp, N, K, KB, rows_per_block);
+}
+
 torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t K, int64_t rows_per_block, int64_t threads,
-                   int64_t chunk, int64_t R) {
+                   int64_t chunk, int64_t R, int64_t smem) {
   const int N = w.size(0), KB = w.size(1);
+  TORCH_CHECK(smem || K == KB * 2, "the L1 path needs K == Kp");
   auto y = torch::empty({1, N}, x.options());
   const int blocks = (N + rows_per_block - 1) / rows_per_block;
-  const size_t smem = (size_t)KB * 2 * sizeof(__nv_bfloat16);
   auto stream = at::cuda::getCurrentCUDAStream();
   auto xp = reinterpret_cast<const __nv_bfloat16*>(x.data_ptr<at::BFloat16>());
   auto yp = reinterpret_cast<__nv_bfloat16*>(y.data_ptr<at::BFloat16>());
-#define LAUNCH(C, RR) { auto kern = q4_gemv<128, C, RR>; \
-    cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem); \
-    kern<<<blocks, threads, smem, stream>>>(xp, w.data_ptr<uint8_t>(), s.data_ptr<float>(), yp, N, (int)K, KB, rows_per_block); }
-  if (R == 1) { if (chunk == 2) LAUNCH(2, 1) else if (chunk == 4) LAUNCH(4, 1) else LAUNCH(8, 1) }
-  else if (R == 2) { if (chunk == 1) LAUNCH(1, 2) else if (chunk == 2) LAUNCH(2, 2) else if (chunk == 4) LAUNCH(4, 2)
-                     else LAUNCH(8, 2) }
-  else { if (chunk == 1) LAUNCH(1, 4) else LAUNCH(2, 4) }
+  auto wp = w.data_ptr<uint8_t>();
+  auto sp = s.data_ptr<float>();
+  const int key = (int)(R * 100 + chunk * 10 + (smem ? 1 : 0));
+#define L(C, RR, SM) launch<C, RR, SM>(xp, wp, sp, yp, N, (int)K, KB, (int)rows_per_block, blocks, (int)threads, stream)
+  switch (key) {
+    case 121: L(2, 1, true); break;   case 141: L(4, 1, true); break;   case 181: L(8, 1, true); break;
+    case 140: L(4, 1, false); break;  case 180: L(8, 1, false); break;
+    case 211: L(1, 2, true); break;   case 221: L(2, 2, true); break;   case 241: L(4, 2, true); break;
+    case 281: L(8, 2, true); break;
+    case 210: L(1, 2, false); break;  case 220: L(2, 2, false); break;  case 240: L(4, 2, false); break;
+    case 411: L(1, 4, true); break;   case 421: L(2, 4, true); break;
+    case 410: L(1, 4, false); break;  case 420: L(2, 4, false); break;
+    default: TORCH_CHECK(false, "no such launch");
+  }
   return y;
 }
 """
 CPP_SRC = ("torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t K, int64_t rows_per_block, "
-           "int64_t threads, int64_t chunk, int64_t R);")
+           "int64_t threads, int64_t chunk, int64_t R, int64_t smem);")
 
 
 # (rows per block, threads per block, 16-byte loads per lane in flight per row, rows per warp); the
-# recorded runs: R = 1 only (``..._r1.json``), then these (``..._r2.json``), then RUN3 (``..._r3.json``)
+# recorded runs: R = 1 only (``..._r1.json``), then these (``..._r2.json``), then RUN3 / RUN4 (``..._r3/4.json``)
 LAUNCHES = [(16, 512, 2, 1), (8, 256, 4, 1), (16, 256, 2, 2), (16, 256, 1, 2), (32, 512, 2, 2), (8, 128, 2, 2),
             (16, 128, 4, 2), (32, 256, 1, 4), (32, 256, 2, 4), (16, 128, 1, 4), (64, 512, 1, 4), (16, 256, 4, 2)]
 RUN3 = [(16, 256, 4, 2), (16, 256, 8, 2), (16, 256, 1, 2), (32, 512, 4, 2), (8, 128, 4, 2), (8, 128, 8, 2),
         (4, 64, 4, 2), (4, 64, 8, 2), (4, 128, 4, 1), (4, 128, 8, 1), (8, 256, 8, 1), (32, 256, 2, 4), (16, 128, 2, 4)]
+# run 4: x through L1 instead of shared memory (5th field 0), for the narrow / short layers
+RUN4 = [(16, 256, 4, 2, 1), (32, 256, 2, 4, 1), (16, 256, 4, 2, 0), (8, 128, 4, 2, 0), (4, 64, 4, 2, 0),
+        (4, 128, 4, 1, 0), (8, 256, 8, 1, 0), (32, 256, 2, 4, 0), (16, 128, 2, 4, 0), (8, 64, 2, 4, 0),
+        (16, 256, 1, 2, 0), (8, 128, 2, 2, 0), (4, 64, 2, 2, 0), (2, 32, 4, 2, 0)]
 if os.environ.get("RUN3"):
     LAUNCHES = RUN3
+if os.environ.get("RUN4"):
+    LAUNCHES = RUN4
 
 
 def main() -> None:
@@ -165,11 +191,13 @@ def main() -> None:
         t_cublas = bq.bench([lambda w=w: x @ w.T for w in wb], 25, 100) * 1e3
         t_lib = bq.bench([lambda q=q, s=s: quant_matmul(x, q, s, 4, bq.GROUP) for q, s, _ in ws], 25, 100) * 1e3
         res = {}
-        for rpb, threads, chunk, R in LAUNCHES:
-            key = f"r{rpb}t{threads}c{chunk}R{R}"
+        for launch in LAUNCHES:
+            rpb, threads, chunk, R, sm = (*launch, 1)[:5]
+            key = f"r{rpb}t{threads}c{chunk}R{R}" + ("" if sm else "L1")
             try:
-                err = bq.rel_err(mod.gemv(x, ws[0][0], ws[0][1], K, rpb, threads, chunk, R), ref)
-                t = bq.bench([lambda q=q, s=s: mod.gemv(x, q, s, K, rpb, threads, chunk, R) for q, s, _ in ws], 25, 100) * 1e3
+                err = bq.rel_err(mod.gemv(x, ws[0][0], ws[0][1], K, rpb, threads, chunk, R, sm), ref)
+                t = bq.bench([lambda q=q, s=s: mod.gemv(x, q, s, K, rpb, threads, chunk, R, sm) for q, s, _ in ws],
+                             25, 100) * 1e3
             except Exception as e:
                 print("fail", key, type(e).__name__, str(e)[:200], flush=True)
                 continue
