@@ -257,7 +257,7 @@ def compile_check(args) -> int:
     names = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
     seen, bad = set(), 0
     for bits, cfg, dt, N, K, M, _ in warm_tasks(args):
-        cfg = cfg or default_config(M, N, K, bits, GROUP, "cuda", dtype=getattr(torch, dt))
+        cfg = cfg or default_config(M, N, K, bits, GROUP, "cuda", dtype=getattr(torch, dt), cuda=False)  # (no nvcc here)
         if cfg.tma and (K % 16 or dt == "float32"):
             cfg = default_config(M, N, K, bits, GROUP, "cuda", dtype=getattr(torch, dt), tma=False)
         if cfg.tma:

@@ -227,6 +227,73 @@ def test_tma_default_where_the_device_has_tma(monkeypatch):
         assert ((y.float() - ref).norm() / ref.norm()).item() < 2e-3
 
 
+def test_cuda_gemv_choice_and_fallback(monkeypatch):
+    """The int4 one-row bf16 default on CUDA is the CUDA-extension GEMV for wide layers only; an
+    explicit QuantConfig(cuda=True) on operands it cannot take raises one clear error; when the
+    extension is missing (no nvcc, a failed build) quant_matmul falls back to the Triton GEMV."""
+    qm = importlib.import_module("drafters.kernels.quant_matmul")
+    ext = importlib.import_module("drafters.kernels.q4_gemv_cuda")
+    bf16 = torch.bfloat16
+    cfg = default_config(1, 4096, 4096, 4, 128, device=torch.device("cuda"), dtype=bf16)
+    assert cfg.cuda and cfg.gemv
+    assert not default_config(1, 1024, 4096, 4, 128, device=torch.device("cuda"), dtype=bf16).cuda  # narrow: Triton
+    assert not default_config(1, 4096, 4096, 4, 128, device=torch.device("cuda"), dtype=torch.float16).cuda
+    assert not default_config(2, 4096, 4096, 4, 128, device=torch.device("cuda"), dtype=bf16).cuda
+    assert not default_config(1, 4096, 4096, 8, device=torch.device("cuda"), dtype=bf16).cuda
+    assert not default_config(1, 4096, 4096, 4, 128, device=torch.device("cpu"), dtype=bf16).cuda
+    assert not default_config(1, 4096, 4096, 4, 128, device=torch.device("cuda"), dtype=bf16, cuda=False).cuda
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(40, 256, generator=g) * 0.05
+    q, s = quantize_int4(w, 64)
+    x = torch.randn(1, 256, generator=g).half()
+    assert not ext.applies(x, q, s, 256, 64)  # not CUDA, not bf16
+    with pytest.raises(ValueError, match="cuda=True"):
+        quant_matmul(x, q, s, 4, 64, QuantConfig(gemv=True, block_n=4, block_k=64, num_warps=2, num_stages=2, cuda=True))
+    if not INTERPRET:
+        return
+    # the fallback: the default is the extension (faked CUDA device), the extension is unavailable
+    real = qm.default_config
+    monkeypatch.setattr(qm, "default_config", lambda M, N, K, bits, G, device=None, dtype=None, **kw:
+                        real(M, N, K, bits, G, torch.device("cuda"), dtype=torch.bfloat16, **kw))
+    monkeypatch.setattr(ext, "applies", lambda *a: True)
+    monkeypatch.setattr(ext, "available", lambda: False)
+    w = torch.randn(4100, 256, generator=g) * 0.05  # N > 2048: the extension's default
+    q, s = quantize_int4(w, 64)
+    assert qm.default_config(1, 4100, 256, 4, 64).cuda
+    y = quant_matmul(x, q, s, 4, 64)
+    ref = quant_matmul_ref(x, q, s, 4, 256, 64).float()
+    assert ((y.float() - ref).norm() / ref.norm()).item() < 2e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="the CUDA extension needs a GPU (and nvcc)")
+def test_cuda_gemv_matches_reference_cuda():
+    """The CUDA-extension int4 GEMV against the fp32 reference: groups 64 and 128, odd N (a warp's
+    second row past the end), both load depths, eager and replayed from a CUDA graph."""
+    ext = importlib.import_module("drafters.kernels.q4_gemv_cuda")
+    if not ext.available():
+        pytest.skip(f"extension not built here: {ext._STATE.get('error')}")
+    g = torch.Generator().manual_seed(9)
+    for N, K, G in ((4097, 4096, 128), (333, 640, 64), (5000, 1024, 128)):
+        w = torch.randn(N, K, generator=g) * 0.05
+        q, s = (t.cuda() for t in quantize_int4(w, G))
+        x = torch.randn(1, K, generator=g).to("cuda", torch.bfloat16)
+        assert ext.applies(x, q, s, K, G)
+        ref = quant_matmul_ref(x, q, s, 4, K, G).float()
+        for rows, warps, chunk in ((4, 2, 2), (8, 4, 4), (2, 1, 2)):
+            y = quant_matmul(x, q, s, 4, G, QuantConfig(gemv=True, block_n=rows, block_k=G, num_warps=warps,
+                                                        num_stages=chunk, cuda=True))
+            rel = ((y.float() - ref).norm() / ref.norm()).item()
+            assert y.shape == (1, N) and rel < 1e-2, (N, K, G, rows, warps, chunk, rel)
+        if N > 2048:
+            assert default_config(1, N, K, 4, G, x.device, dtype=x.dtype).cuda
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            yg = quant_matmul(x, q, s, 4, G)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert ((yg.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET or torch.cuda.get_device_capability()[0] < 9,
                     reason="TMA needs an sm_90+ GPU")
 def test_tma_defaults_bf16_and_in_a_cuda_graph_cuda():

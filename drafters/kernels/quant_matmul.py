@@ -187,7 +187,10 @@ class QuantConfig:
     (M <= 64, fp16/bf16 activations, 16-byte aligned rows) loads the weight and activation tiles through
     tensor descriptors, ``num_stages`` deep (TMA on sm_90), ``block_n`` weight rows against all M rows
     (``y.T = W @ x.T``), deterministic split-K as the skinny kernels: ``_q8_tma_kernel`` /
-    ``_q4_tma_kernel`` (int4: ``block_k`` a multiple of the group, ``asm`` widening). ``asm`` (int4 tensor-core kernel, CUDA, fp16/bf16 activations)
+    ``_q4_tma_kernel`` (int4: ``block_k`` a multiple of the group, ``asm`` widening). ``cuda`` (int4,
+    one row of bf16 activations) runs the hand-written GEMV of :mod:`drafters.kernels.q4_gemv_cuda`
+    (built on first use where nvcc exists): ``block_n`` rows per block, ``num_warps`` warps (2 rows
+    each), ``num_stages`` 16-byte weight loads per lane and row in flight (2 or 4). ``asm`` (int4 tensor-core kernel, CUDA, fp16/bf16 activations)
     widens 4 packed bytes to 8 16-bit values with 2 byte permutes, 4 logic ops and 4 packed
     subtractions (the magic-number dequantization of Kim et al. 2022,
     https://arxiv.org/abs/2211.10017, as Marlin uses it) instead of fp32 conversions.
@@ -207,6 +210,7 @@ class QuantConfig:
     asm: bool = False  # tensor-core int4: nibbles -> packed bf16/fp16 pairs with inline PTX (GPU, 16-bit x only)
     skinny: bool = False  # 2 < M <= 64, fp16/bf16 x: the skinny-GEMM layout (block_n, split_k; int8 also block_k)
     tma: bool = False  # 16 < M <= 64 style tiles, fp16/bf16 x: W and x through tensor descriptors (see _q8_tma_kernel)
+    cuda: bool = False  # int4, one bf16 row: the CUDA-extension GEMV (q4_gemv_cuda; block_n rows per block, num_warps, num_stages loads in flight)
     half: bool = False  # int4 GEMV, fp16/bf16 x, tiles of whole groups: 16-bit products and group sums
     # (nibbles widened with the inline PTX of ``asm`` on CUDA; fp32 across groups; error ~ x's rounding)
 
@@ -240,7 +244,7 @@ def tma_device(device: torch.device | str | None) -> bool:
 
 def default_config(M: int, N: int, K: int, bits: int, group_size: int | None = None,
                    device: torch.device | None = None, dtype: torch.dtype | None = None,
-                   tma: bool = True) -> QuantConfig:
+                   tma: bool = True, cuda: bool = True) -> QuantConfig:
     """Heuristic tiles, read off the H200 sweep of ``benchmarks/bench_quant_kernels.py`` at the
     Llama-3-8B linear shapes (see ``notes/issue4_quant_bench_h200.md``) and generalised by N, K:
 
@@ -256,11 +260,18 @@ def default_config(M: int, N: int, K: int, bits: int, group_size: int | None = N
     ``N <= K`` except ``down``-like shapes at M <= 16; int4 for every shape at M <= 16 and for
     ``N <= K <= 4096`` (q/o, k/v) above.
 
+    ``cuda`` (default on): int4 one-row bf16 GEMVs of wide layers (N > 2048) take the CUDA-extension
+    kernel (fifteenth session, H200: 2.46 / 2.73 / 2.56x cuBLAS bf16 on q/o, gate/up, down against
+    2.37 / 2.25 / 2.31x for the Triton GEMV; narrow k/v layers stay on Triton, 2.80x against 2.32x).
+
     ``tma`` (default: on where :func:`tma_device` says TMA exists) lets the tensor-descriptor
     kernels take what the fifteenth session's H200 sweep (``notes/issue4_quantized.md``) found
     them faster at: int4 for 2 < M <= 64, int8 for 16 < M <= 64 -- 64 weight rows per program,
     split-K to 128-512 programs on the 8B shapes (none for N > K, 8 ways for narrow N).
     """
+    if (cuda and bits == 4 and M == 1 and dtype == torch.bfloat16 and N > 2048 and device is not None
+            and torch.device(device).type == "cuda"):  # (quant_matmul falls back if the extension is missing)
+        return QuantConfig(gemv=True, block_n=4, block_k=group_size or 128, num_warps=2, num_stages=2, cuda=True)
     if (tma and bits in (4, 8) and 2 < M <= 64 and dtype in (torch.float16, torch.bfloat16)
             and (bits == 4 or M > 16) and tma_device(device)):
         if bits == 4:
@@ -792,6 +803,16 @@ def _launch(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, K: int, group
     cfg = config or default_config(M, N, K, bits, group_size, x.device, dtype=x.dtype)
     if config is None and cfg.tma and not tma_applies(x, qweight, bits, group_size):  # e.g. a ragged K
         cfg = default_config(M, N, K, bits, group_size, x.device, dtype=x.dtype, tma=False)
+    if cfg.cuda:
+        from drafters.kernels import q4_gemv_cuda
+
+        ok = bits == 4 and q4_gemv_cuda.applies(x, qweight, scales, K, group_size)
+        if ok and q4_gemv_cuda.available():
+            return q4_gemv_cuda.q4_gemv(x, qweight, scales, group_size, cfg.block_n, 32 * cfg.num_warps, cfg.num_stages)
+        if config is not None and not ok:
+            raise ValueError("QuantConfig(cuda=True) takes int4, one contiguous 16-byte aligned bf16 row on CUDA, "
+                             "K a whole number of groups of 64 or 128, fp32 scales")
+        cfg = default_config(M, N, K, bits, group_size, x.device, dtype=x.dtype, cuda=False)  # Triton instead
     if cfg.skinny:
         if not 2 <= M <= 64 or x.dtype not in (torch.float16, torch.bfloat16):
             raise ValueError("QuantConfig(skinny=True) takes 2..64 rows of fp16 / bf16 activations")
