@@ -16,31 +16,9 @@ import os
 
 import torch
 
-CUDA_SRC = r"""
-#include <torch/extension.h>
-#include <cuda_bf16.h>
-#include <cuda_runtime.h>
-#include <ATen/cuda/CUDAContext.h>
+from drafters.kernels.q4_gemv_cuda import _CUDA_HELPERS  # includes, the nibble widening, as_b2
 
-// 4 packed bytes -> 4 low-nibble values (lo0: bytes 0,1; lo1: bytes 2,3) and 4 high ones, bf16x2, n - 8
-__device__ __forceinline__ void widen(uint32_t w, uint32_t& lo0, uint32_t& lo1, uint32_t& hi0, uint32_t& hi1) {
-  uint32_t t0, t1;
-  asm("prmt.b32 %0, %1, 0, 0x4140;" : "=r"(t0) : "r"(w));
-  asm("prmt.b32 %0, %1, 0, 0x4342;" : "=r"(t1) : "r"(w));
-  const uint32_t k = 0x43084308u;  // bf16 136 | 136
-  asm("lop3.b32 %0, %1, 0x000F000F, 0x43004300, 0xEA;" : "=r"(lo0) : "r"(t0));
-  asm("lop3.b32 %0, %1, 0x000F000F, 0x43004300, 0xEA;" : "=r"(lo1) : "r"(t1));
-  t0 >>= 4; t1 >>= 4;
-  asm("lop3.b32 %0, %1, 0x000F000F, 0x43004300, 0xEA;" : "=r"(hi0) : "r"(t0));
-  asm("lop3.b32 %0, %1, 0x000F000F, 0x43004300, 0xEA;" : "=r"(hi1) : "r"(t1));
-  asm("sub.rn.bf16x2 %0, %0, %1;" : "+r"(lo0) : "r"(k));
-  asm("sub.rn.bf16x2 %0, %0, %1;" : "+r"(lo1) : "r"(k));
-  asm("sub.rn.bf16x2 %0, %0, %1;" : "+r"(hi0) : "r"(k));
-  asm("sub.rn.bf16x2 %0, %0, %1;" : "+r"(hi1) : "r"(k));
-}
-
-__device__ __forceinline__ __nv_bfloat162 as_b2(uint32_t v) { return *reinterpret_cast<__nv_bfloat162*>(&v); }
-
+CUDA_SRC = _CUDA_HELPERS + r"""
 template <int G, int CHUNK, int R, bool SMEM>
 __global__ void q4_gemv(const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ w, const float* __restrict__ s,
                         __nv_bfloat16* __restrict__ y, int N, int K, int KB, int rows_per_block) {

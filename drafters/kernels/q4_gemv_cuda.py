@@ -32,7 +32,7 @@ from torch import Tensor
 
 __all__ = ["available", "applies", "q4_gemv"]
 
-_CUDA_SRC = r"""
+_CUDA_HELPERS = r"""
 #include <torch/extension.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -56,6 +56,8 @@ __device__ __forceinline__ void widen(uint32_t w, uint32_t& lo0, uint32_t& lo1, 
 }
 
 __device__ __forceinline__ __nv_bfloat162 as_b2(uint32_t v) { return *reinterpret_cast<__nv_bfloat162*>(&v); }
+"""  # (the helpers above are shared with notes/issue4_s15_cuda_gemv_probe.py)
+_CUDA_SRC = _CUDA_HELPERS + r"""
 
 // y[n] = sum_k x[k] * (nibble(n, k) - 8) * s[k / G, n]; R rows per warp, CHUNK 16-byte loads per lane and row in flight
 template <int G, int CHUNK, int R>
