@@ -157,10 +157,13 @@ _LOCK = threading.Lock()
 def available() -> bool:
     """Whether the extension is built (building it on the first call, about a minute): CUDA present,
     nvcc found, not disabled with ``SPECDEC_CUDA_EXT=0``. A failed build is reported once on stderr
-    and not retried; callers fall back to the Triton kernels."""
+    and not retried; callers fall back to the Triton kernels. Inside a CUDA-graph capture it only
+    answers False (nothing is built there) until an eager call has built it."""
     global _MODULE
     if "ok" in _STATE:
         return bool(_STATE["ok"])
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return False  # never build inside a CUDA-graph capture; the next eager call will
     with _LOCK:
         if "ok" in _STATE:
             return bool(_STATE["ok"])
@@ -171,8 +174,6 @@ def available() -> bool:
 
                 if CUDA_HOME is None:
                     raise RuntimeError("nvcc not found (CUDA_HOME unset)")
-                if torch.cuda.is_current_stream_capturing():
-                    raise RuntimeError("first use inside a CUDA-graph capture")
                 print("specdec: building the CUDA int4 GEMV extension (once per machine, about a minute)...",
                       file=sys.stderr, flush=True)
                 major, minor = torch.cuda.get_device_capability()
