@@ -53,6 +53,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import q4_gemv_cuda  # the CUDA-extension int4 GEMV (built lazily, on first use)
+
 try:  # Triton is a dependency, but keep the CPU path importable without it
     import triton
     import triton.language as tl
@@ -801,11 +803,13 @@ def _launch(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, K: int, group
     N, KB = qweight.shape  # KB: bytes per row
     G = group_size if bits == 4 else 1 << 30
     cfg = config or default_config(M, N, K, bits, group_size, x.device, dtype=x.dtype)
-    if config is None and cfg.tma and not tma_applies(x, qweight, bits, group_size):  # e.g. a ragged K
+    if cfg.tma and not tma_applies(x, qweight, bits, group_size):  # e.g. a ragged K
+        if config is not None:
+            raise ValueError("QuantConfig(tma=True) takes 1..64 rows of fp16 / bf16 activations with 16-byte aligned "
+                             "rows and base addresses (int8: K % 16 == 0, x: K % 8 == 0), int4 groups of >= 32, "
+                             "and Triton's TensorDescriptor")
         cfg = default_config(M, N, K, bits, group_size, x.device, dtype=x.dtype, tma=False)
     if cfg.cuda:
-        from drafters.kernels import q4_gemv_cuda
-
         ok = bits == 4 and q4_gemv_cuda.applies(x, qweight, scales, K, group_size)
         if ok and q4_gemv_cuda.available():
             return q4_gemv_cuda.q4_gemv(x, qweight, scales, group_size, cfg.block_n, 32 * cfg.num_warps, cfg.num_stages)
@@ -877,12 +881,9 @@ def tma_applies(x: Tensor, qweight: Tensor, bits: int, group_size: int | None) -
 
 
 def _launch_tma(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, K: int, G: int, cfg: QuantConfig) -> Tensor:
+    """One tensor-descriptor launch; the operands passed :func:`tma_applies` (checked by ``_launch``)."""
     from specdec.kernels.skinny import workspace
 
-    if not tma_applies(x, qweight, bits, G):
-        raise ValueError("QuantConfig(tma=True) takes 1..64 rows of fp16 / bf16 activations with 16-byte aligned "
-                         "rows and base addresses (int8: K % 16 == 0, x: K % 8 == 0), int4 groups of >= 32, "
-                         "and Triton's TensorDescriptor")
     M, (N, KB) = x.shape[0], qweight.shape
     bm = max(16, triton.next_power_of_2(M))
     if bits == 8:
