@@ -1,18 +1,13 @@
 """ncu companion of ``issue4_s16_q8_cuda_probe.py``: one call per launch shape between
 cudaProfilerStart/Stop (run under ``ncu --profile-from-start off``)."""
-import os
 
 import torch
-from torch.utils.cpp_extension import load_inline
 
 import notes.issue4_s16_q8_gemm_cuda as q8c
 from drafters.kernels.quant_matmul import quantize_int8
 
 torch.inference_mode().__enter__()
-major, minor = torch.cuda.get_device_capability()
-head = "#include <torch/extension.h>\n#include <ATen/cuda/CUDAContext.h>\n"
-mod = load_inline("specdec_q8_probe", q8c.CPP_SRC, cuda_sources=head + q8c.CUDA_SRC + q8c.BINDING_SRC,
-                  functions=["q8_gemm"], extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"])
+mod = q8c.build()
 gen = torch.Generator(device="cuda").manual_seed(0)
 for (N, K, nw, st, split) in [(4096, 4096, 2, 3, 8), (4096, 14336, 4, 3, 8), (4096, 4096, 4, 3, 1)]:
     q, s = quantize_int8(torch.randn(N, K, device="cuda", generator=gen) * 0.02)

@@ -10,7 +10,6 @@ import os
 import time
 
 import torch
-from torch.utils.cpp_extension import load_inline
 
 import benchmarks.bench_quant_kernels as bq
 import notes.issue4_s16_q8_gemm_cuda as q8c
@@ -19,10 +18,7 @@ from drafters.kernels.quant_matmul import dequantize_int8, quant_matmul, quantiz
 torch.inference_mode().__enter__()
 out = os.environ.get("OUT", ".")
 t0 = time.time()
-major, minor = torch.cuda.get_device_capability()
-head = "#include <torch/extension.h>\n#include <ATen/cuda/CUDAContext.h>\n"
-mod = load_inline("specdec_q8_probe", q8c.CPP_SRC, cuda_sources=head + q8c.CUDA_SRC + q8c.BINDING_SRC,
-                  functions=["q8_gemm"], extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"])
+mod = q8c.build()
 print(f"built in {time.time() - t0:.0f} s", flush=True)
 gen = torch.Generator(device="cuda").manual_seed(0)
 res = {"checks": [], "times": {}}

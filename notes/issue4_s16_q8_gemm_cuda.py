@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["CUDA_SRC", "BINDING_SRC", "CPP_SRC", "applies", "q8_gemm", "LAUNCHES"]
+__all__ = ["CUDA_SRC", "BINDING_SRC", "CPP_SRC", "build", "applies", "q8_gemm", "LAUNCHES"]
 
 # (NW warps, NT token tiles of 8, STAGES): the compiled launch shapes
 LAUNCHES = [(nw, nt, st) for nw in (2, 4, 8) for nt in (4, 8) for st in (3, 4)]
@@ -276,6 +276,16 @@ torch::Tensor q8_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t
 """
 CPP_SRC = ("torch::Tensor q8_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t nw, int64_t nt, "
            "int64_t stages, int64_t split);")
+
+
+def build():
+    """Compile the kernel and its binding with ``load_inline`` for this GPU (about a minute); returns the module."""
+    from torch.utils.cpp_extension import load_inline
+
+    major, minor = torch.cuda.get_device_capability()
+    head = "#include <torch/extension.h>\n#include <ATen/cuda/CUDAContext.h>\n"
+    return load_inline("specdec_q8_probe", CPP_SRC, cuda_sources=head + CUDA_SRC + BINDING_SRC, functions=["q8_gemm"],
+                       extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"])
 
 
 def applies(x: Tensor, q: Tensor, scales: Tensor) -> bool:
