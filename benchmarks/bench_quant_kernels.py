@@ -324,8 +324,8 @@ def _compile_tma(qm, bits: int, cfg: QuantConfig, xdt: str, N: int, K: int, M: i
     ce = dict(BLOCK_M=bm, BLOCK_N=cfg.block_n, SPLIT=split, STAGES=cfg.num_stages, SWAP=cfg.swap)
     if bits == 8:
         fn = qm._q8_tma_kernel
-        sig.update(K="i32", k_per_split="i32", stride_ym="i32")
-        ce.update(BLOCK_K=cfg.block_k)
+        sig.update(K="i32", stride_ym="i32")
+        ce.update(BLOCK_K=cfg.block_k, KPS=-(-(-(-KB // split)) // step) * step, FIXED=split > 1 or bm <= 32)
     else:
         fn = qm._q4_tma_kernel
         sig.update(KB="i32", kb_per_split="i32", stride_ym="i32")

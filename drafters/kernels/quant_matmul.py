@@ -269,7 +269,9 @@ def default_config(M: int, N: int, K: int, bits: int, group_size: int | None = N
     ``tma`` (default: on where :func:`tma_device` says TMA exists) lets the tensor-descriptor
     kernels take what the fifteenth session's H200 sweep (``notes/issue4_quantized.md``) found
     them faster at: int4 for 2 < M <= 64, int8 for 16 < M <= 64 -- 64 weight rows per program,
-    split-K to 128-512 programs on the 8B shapes (none for N > K, 8 ways for narrow N).
+    split-K to 128-512 programs on the 8B shapes (none for N > K, 8 ways for narrow N). int8 at
+    17-32 rows takes 256-wide K steps with 3 stages (seventeenth session, H200: 2-8 % faster than the
+    128-wide steps on every 8B shape, ``notes/issue4_h200_s17_static_ab.json``).
     """
     if (cuda and bits == 4 and M == 1 and dtype == torch.bfloat16 and N > 2048 and device is not None
             and torch.device(device).type == "cuda"):  # (quant_matmul falls back if the extension is missing)
@@ -282,6 +284,8 @@ def default_config(M: int, N: int, K: int, bits: int, group_size: int | None = N
             return QuantConfig(gemv=False, block_n=64, block_k=max(128, G), split_k=split, num_stages=3, swap=True,
                                asm=True, tma=True)
         split = 1 if N > K else 8 if N <= 2048 else 4
+        if M <= 32:  # 256-wide K steps, 3 stages (see above)
+            return QuantConfig(gemv=False, block_n=64, block_k=256, split_k=split, num_stages=3, swap=True, tma=True)
         return QuantConfig(gemv=False, block_n=64, block_k=256 if N <= 2048 else 128, split_k=split,
                            num_stages=3 if N == K or N <= 2048 else 4, swap=True, tma=True)
     if bits == 4 and 2 < M <= 64 and dtype in (torch.float16, torch.bfloat16) and (M <= 16 or N <= K <= 4096):
@@ -712,11 +716,23 @@ if _HAS_TRITON:
             return tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     @triton.jit
+    def _q8_tma_step(x_desc, w_desc, off_n, k, acc, SWAP: tl.constexpr):
+        """One K step of :func:`_q8_tma_kernel`: ``acc += W[off_n:, k:] @ x[:, k:].T`` (or its transpose)."""
+        w = w_desc.load([off_n, k])  # [BN, BK] int8
+        xt = x_desc.load([0, k])  # [BM, BK]
+        w16 = w.to(xt.dtype)  # [BN, BK], exact: |q| <= 127 (an inline-PTX widening was 1-4 % slower)
+        if SWAP:
+            return tl.dot(w16, tl.trans(xt), acc)
+        else:
+            return tl.dot(xt, tl.trans(w16), acc)
+
+    @triton.jit
     def _q8_tma_kernel(
         x_desc, w_desc, s_ptr, y_ptr, ws_ptr, cnt_ptr,  # x[M, K] block [BM, BK], w[N, K] int8 block [BN, BK], s[N]
-        M, N, K, k_per_split, stride_ym,  # k_per_split: a multiple of BLOCK_K
+        M, N, K, stride_ym,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-        STAGES: tl.constexpr, SWAP: tl.constexpr,
+        STAGES: tl.constexpr, SWAP: tl.constexpr, KPS: tl.constexpr,  # KPS: K per split, a multiple of BLOCK_K
+        FIXED: tl.constexpr,
     ):
         """W8A16 with both operands through tensor descriptors: on sm_90 each K step is a TMA copy
         into shared memory that Triton pipelines ``STAGES`` deep (``tl.range(num_stages=)``), so a
@@ -724,21 +740,25 @@ if _HAS_TRITON:
         tensor-core kernel above compile to synchronous loads (fourteenth-session probe,
         ``notes/issue4_quantized.md``). The int8 tile is converted in registers and is the MMA's
         left operand (``y.T = W @ x.T``); out-of-bounds rows and columns read as zeros; the channel
-        scale multiplies the fp32 accumulator; deterministic split-K through :func:`store_y`."""
+        scale multiplies the fp32 accumulator; deterministic split-K through :func:`store_y`.
+
+        ``FIXED``: every split runs ``KPS // BLOCK_K`` steps, a compile-time count (the last split's
+        steps past K read TMA's zero fill). With a runtime count the loop has a zero-trip path on
+        which the accumulator is defined by moves, and ptxas serializes every wgmma (its C7515 note).
+        H200, seventeenth session (``notes/issue4_quantized.md``): the fixed count is 1-2 % faster
+        with split-K or at 17-32 rows, 2 % slower on un-split gate/up at 64 rows, where
+        :func:`_launch_tma` keeps the runtime count."""
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         off_n = pid * BLOCK_N
-        k_lo = pid_k * k_per_split
-        k_hi = tl.minimum(K, k_lo + k_per_split)
+        k_lo = pid_k * KPS
         acc = _zero_acc(BLOCK_N, BLOCK_M, SWAP)
-        for k in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
-            w = w_desc.load([off_n, k])  # [BN, BK] int8
-            xt = x_desc.load([0, k])  # [BM, BK]
-            w16 = w.to(xt.dtype)  # [BN, BK], exact: |q| <= 127 (an inline-PTX widening was 1-4 % slower)
-            if SWAP:
-                acc = tl.dot(w16, tl.trans(xt), acc)
-            else:
-                acc = tl.dot(xt, tl.trans(w16), acc)
+        if FIXED:
+            for i in tl.range(0, KPS // BLOCK_K, num_stages=STAGES):
+                acc = _q8_tma_step(x_desc, w_desc, off_n, k_lo + i * BLOCK_K, acc, SWAP)
+        else:
+            for k in tl.range(k_lo, tl.minimum(K, k_lo + KPS), BLOCK_K, num_stages=STAGES):
+                acc = _q8_tma_step(x_desc, w_desc, off_n, k, acc, SWAP)
         if not SWAP:
             acc = tl.trans(acc)  # [BN, BM]
         rn = off_n + tl.arange(0, BLOCK_N)  # [BN] output columns
@@ -902,9 +922,9 @@ def _launch_tma(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, K: int, G
     w_desc = _TensorDescriptor.from_tensor(qweight, [cfg.block_n, box])
     if bits == 8:
         _q8_tma_kernel[(tiles, split)](
-            x_desc, w_desc, scales, y, ws, cnt, M, N, K, kb_per_split, y.stride(0),
+            x_desc, w_desc, scales, y, ws, cnt, M, N, K, y.stride(0),
             BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split, STAGES=cfg.num_stages,
-            SWAP=cfg.swap, num_warps=cfg.num_warps,
+            SWAP=cfg.swap, KPS=kb_per_split, FIXED=split > 1 or bm <= 32, num_warps=cfg.num_warps,
         )
     else:
         use_asm = cfg.asm and x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
