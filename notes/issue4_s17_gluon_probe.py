@@ -38,6 +38,18 @@ qm = importlib.import_module("drafters.kernels.quant_matmul")
 
 
 @triton.jit
+def _finish(acc, s_ptr, y_ptr, ws_ptr, cnt_ptr, off_n, M, N, stride_ym, pid, pid_k,
+            BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT: tl.constexpr):
+    """The library kernel's epilogue: channel scale, then ``store_y`` (ordered split-K)."""
+    rn = off_n + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    n_ok = rn < N
+    acc *= tl.load(s_ptr + rn, mask=n_ok, other=0.0)[:, None]
+    store_y(acc, y_ptr, y_ptr, ws_ptr, cnt_ptr, rn, rm, n_ok, rm < M, stride_ym, pid, pid_k,
+            False, BLOCK_N, BLOCK_M, SPLIT)
+
+
+@triton.jit
 def _q8_tma_peel(x_desc, w_desc, s_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, k_per_split, stride_ym,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
                  STAGES: tl.constexpr):
@@ -53,12 +65,7 @@ def _q8_tma_peel(x_desc, w_desc, s_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, k_per_s
         w = w_desc.load([off_n, k])
         xt = x_desc.load([0, k])
         acc = tl.dot(w.to(xt.dtype), tl.trans(xt), acc)
-    rn = off_n + tl.arange(0, BLOCK_N)
-    rm = tl.arange(0, BLOCK_M)
-    n_ok = rn < N
-    acc *= tl.load(s_ptr + rn, mask=n_ok, other=0.0)[:, None]
-    store_y(acc, y_ptr, y_ptr, ws_ptr, cnt_ptr, rn, rm, n_ok, rm < M, stride_ym, pid, pid_k,
-            False, BLOCK_N, BLOCK_M, SPLIT)
+    _finish(acc, s_ptr, y_ptr, ws_ptr, cnt_ptr, off_n, M, N, stride_ym, pid, pid_k, BLOCK_N, BLOCK_M, SPLIT)
 
 
 @triton.jit
@@ -81,47 +88,36 @@ def _q8_tma_static(x_desc, w_desc, s_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, strid
         w = w_desc.load([off_n, k])
         xt = x_desc.load([0, k])
         acc = tl.dot(w.to(xt.dtype), tl.trans(xt), acc)
-    rn = off_n + tl.arange(0, BLOCK_N)
-    rm = tl.arange(0, BLOCK_M)
-    n_ok = rn < N
-    acc *= tl.load(s_ptr + rn, mask=n_ok, other=0.0)[:, None]
-    store_y(acc, y_ptr, y_ptr, ws_ptr, cnt_ptr, rn, rm, n_ok, rm < M, stride_ym, pid, pid_k,
-            False, BLOCK_N, BLOCK_M, SPLIT)
+    _finish(acc, s_ptr, y_ptr, ws_ptr, cnt_ptr, off_n, M, N, stride_ym, pid, pid_k, BLOCK_N, BLOCK_M, SPLIT)
+
+
+def _launch(x, q, s, bn, bk, split, stages, warps, peeled, **extra):
+    """One launch of ``_q8_tma_static`` or (``peeled``) ``_q8_tma_peel``, split-K as the library's."""
+    M, K = x.shape
+    N = q.shape[0]
+    bm = max(16, triton.next_power_of_2(M))
+    split = min(split, triton.cdiv(K, bk))
+    kps = triton.cdiv(triton.cdiv(K, split), bk) * bk
+    split = triton.cdiv(K, kps)
+    tiles = triton.cdiv(N, bn)
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    ws, cnt = workspace(x.device, tiles, bn * bm, split) if split > 1 else (y, y)
+    xd = qm._TensorDescriptor.from_tensor(x, [bm, bk])
+    wd = qm._TensorDescriptor.from_tensor(q, [bn, bk])
+    meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT=split, STAGES=stages, num_warps=warps)
+    if peeled:
+        _q8_tma_peel[(tiles, split)](xd, wd, s, y, ws, cnt, M, N, K, kps, y.stride(0), **meta)
+    else:
+        _q8_tma_static[(tiles, split)](xd, wd, s, y, ws, cnt, M, N, K, y.stride(0), KPS=kps, **meta, **extra)
+    return y
 
 
 def static(x, q, s, bn, bk, split, stages, warps=4, rot=False, maxnreg=None):
-    M, K = x.shape
-    N = q.shape[0]
-    bm = max(16, triton.next_power_of_2(M))
-    split = min(split, triton.cdiv(K, bk))
-    kps = triton.cdiv(triton.cdiv(K, split), bk) * bk
-    split = triton.cdiv(K, kps)
-    tiles = triton.cdiv(N, bn)
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    ws, cnt = workspace(x.device, tiles, bn * bm, split) if split > 1 else (y, y)
-    xd = qm._TensorDescriptor.from_tensor(x, [bm, bk])
-    wd = qm._TensorDescriptor.from_tensor(q, [bn, bk])
-    _q8_tma_static[(tiles, split)](xd, wd, s, y, ws, cnt, M, N, K, y.stride(0), BLOCK_M=bm, BLOCK_N=bn,
-                                   BLOCK_K=bk, SPLIT=split, STAGES=stages, KPS=kps, ROT=rot, num_warps=warps,
-                                   **({"maxnreg": maxnreg} if maxnreg else {}))
-    return y
+    return _launch(x, q, s, bn, bk, split, stages, warps, False, ROT=rot, **({"maxnreg": maxnreg} if maxnreg else {}))
 
 
 def peel(x, q, s, bn, bk, split, stages, warps=4):
-    M, K = x.shape
-    N = q.shape[0]
-    bm = max(16, triton.next_power_of_2(M))
-    split = min(split, triton.cdiv(K, bk))
-    kps = triton.cdiv(triton.cdiv(K, split), bk) * bk
-    split = triton.cdiv(K, kps)
-    tiles = triton.cdiv(N, bn)
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    ws, cnt = workspace(x.device, tiles, bn * bm, split) if split > 1 else (y, y)
-    xd = qm._TensorDescriptor.from_tensor(x, [bm, bk])
-    wd = qm._TensorDescriptor.from_tensor(q, [bn, bk])
-    _q8_tma_peel[(tiles, split)](xd, wd, s, y, ws, cnt, M, N, K, kps, y.stride(0), BLOCK_M=bm, BLOCK_N=bn,
-                                 BLOCK_K=bk, SPLIT=split, STAGES=stages, num_warps=warps)
-    return y
+    return _launch(x, q, s, bn, bk, split, stages, warps, True)
 
 
 def gluon_grid(name, M):

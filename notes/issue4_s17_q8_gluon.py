@@ -28,7 +28,9 @@ Outcome on an H200 (``notes/issue4_quantized.md``, seventeenth session): every c
 than ``_q8_tma_kernel`` at 64 rows (q/o 13.2 against 12.4 µs, k/v 9.8 against 8.4), and two launch
 shapes gave wrong results (``block_n=128``, two consumer warpgroups: relative error 0.07; ``ws=False``
 split 4 with 4 stages: non-finite), which were not debugged. Kept for the record; do not import it
-from library code.
+from library code. (After the runs its loop bodies were factored into ``_load_step`` /
+``_first_mma`` / ``_next_mma``; that version was compile-checked for sm_90 under Triton 3.6 and 3.9,
+not run again.)
 
 Requirements (:func:`applies`): CUDA capability 9.x, Gluon with the Hopper API (Triton >= 3.5),
 1..64 rows of fp16 / bf16 activations, int8 weights ``[N, K]``, 16-byte aligned rows and bases (TMA).
@@ -99,37 +101,53 @@ if _HAS_GLUON:
         for i in range(n_steps):
             s = i % STAGES
             mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
-            mbarrier.expect(ready.index(s), w_desc.block_type.nbytes + x_desc.block_type.nbytes)
-            k = k_lo + i * BLOCK_K
-            _tma_load(w_desc, [off_n, k], ready.index(s), w_bufs.index(s))
-            _tma_load(x_desc, [0, k], ready.index(s), x_bufs.index(s))
+            _load_step(x_desc, w_desc, w_bufs, x_bufs, ready, s, off_n, k_lo + i * BLOCK_K, True)
 
     @gluon.jit
-    def _mma_partition(w_bufs, x_bufs, ready, empty, n_steps,
-                       BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, num_warps: gl.constexpr):
-        """Consumers: widen each weight tile in registers, one async wgmma in flight; returns the
-        fp32 accumulator ``[BN, BM]`` (``y.T`` tile) in the wgmma layout."""
-        STAGES: gl.constexpr = w_bufs.type.shape[0]
+    def _load_step(x_desc, w_desc, w_bufs, x_bufs, ready, slot, off_n, k, pred):
+        """TMA copies of one K step's weight and activation tiles into ``slot`` (skipped if not ``pred``)."""
+        mbarrier.expect(ready.index(slot), w_desc.block_type.nbytes + x_desc.block_type.nbytes, pred=pred)
+        _tma_load(w_desc, [off_n, k], ready.index(slot), w_bufs.index(slot), pred=pred)
+        _tma_load(x_desc, [0, k], ready.index(slot), x_bufs.index(slot), pred=pred)
+
+    @gluon.jit
+    def _first_mma(w_bufs, x_bufs, ready, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, num_warps: gl.constexpr):
+        """Step 0, peeled (n_steps >= 1): no path then reaches the final wait without a wgmma defining
+        the accumulator, else ptxas serializes every wgmma (C7515). Returns ``acc [BN, BM]``."""
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                       instr_shape=[16, BLOCK_M, 16])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-        # step 0 peeled (n_steps >= 1): no path reaches the final wait without a wgmma defining the
-        # accumulator, else ptxas serializes every wgmma (C7515)
         mbarrier.wait(ready.index(0), 0)
         a = w_bufs.index(0).load(a_layout).to(x_bufs.dtype)  # [BN, BK] exact 16-bit integers
         acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=mma)
         acc = warpgroup_mma(a, x_bufs.index(0).permute((1, 0)), acc, use_acc=False, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))  # (no wait: the loop carries a tensor)
+        return warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))  # (no wait: the loop carries a tensor)
+
+    @gluon.jit
+    def _next_mma(w_bufs, x_bufs, ready, i, acc, num_warps: gl.constexpr):
+        """Step ``i >= 1``: widen its weight tile, issue its wgmma, wait for step ``i - 1``'s; then every
+        warp has read step ``i - 1``'s weights and the fence orders those generic-proxy reads before a
+        TMA write into that slot."""
+        STAGES: gl.constexpr = w_bufs.type.shape[0]
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
+        s = i % STAGES
+        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+        a = w_bufs.index(s).load(a_layout).to(x_bufs.dtype)
+        acc = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+        _cta_barrier()
+        fence_async_shared()
+        return acc
+
+    @gluon.jit
+    def _mma_partition(w_bufs, x_bufs, ready, empty, n_steps,
+                       BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, num_warps: gl.constexpr):
+        """Consumers: widen each weight tile in registers, one async wgmma in flight, release each slot
+        once its MMA has completed; returns the fp32 accumulator ``[BN, BM]`` (``y.T`` tile)."""
+        STAGES: gl.constexpr = w_bufs.type.shape[0]
+        acc = _first_mma(w_bufs, x_bufs, ready, BLOCK_N, BLOCK_M, num_warps)
         for i in range(1, n_steps):
-            s = i % STAGES
-            mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-            a = w_bufs.index(s).load(a_layout).to(x_bufs.dtype)
-            acc = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-            # step i - 1's MMA has completed: its slot may be refilled (every warp has read its
-            # weights; the fence orders those generic-proxy reads before the TMA writes)
-            _cta_barrier()
-            fence_async_shared()
+            acc = _next_mma(w_bufs, x_bufs, ready, i, acc, num_warps)
             mbarrier.arrive(empty.index((i - 1) % STAGES), count=1)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         return (acc, )  # (warp_specialize returns the default partition's results as a tuple)
@@ -137,41 +155,16 @@ if _HAS_GLUON:
     @gluon.jit
     def _pipelined(x_desc, w_desc, w_bufs, x_bufs, ready, off_n, k_lo, n_steps,
                    BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, num_warps: gl.constexpr):
-        """``WS=False``: the same ring in one partition; loads for step ``i + STAGES - 1`` go out after
-        step ``i``'s MMA is issued and step ``i - 1``'s has completed."""
+        """``WS=False``: the same ring in one partition; the loads for step ``i + STAGES - 1`` go out
+        after step ``i``'s MMA is issued and step ``i - 1``'s has completed."""
         STAGES: gl.constexpr = w_bufs.type.shape[0]
-        nbytes: gl.constexpr = w_desc.block_type.nbytes + x_desc.block_type.nbytes
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                      instr_shape=[16, BLOCK_M, 16])
-        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-        for j0 in gl.static_range(STAGES - 1):
-            p0 = j0 < n_steps
-            mbarrier.expect(ready.index(j0), nbytes, pred=p0)
-            _tma_load(w_desc, [off_n, k_lo + j0 * BLOCK_K], ready.index(j0), w_bufs.index(j0), pred=p0)
-            _tma_load(x_desc, [0, k_lo + j0 * BLOCK_K], ready.index(j0), x_bufs.index(j0), pred=p0)
-        mbarrier.wait(ready.index(0), 0)  # step 0 peeled, as in _mma_partition
-        a = w_bufs.index(0).load(a_layout).to(x_bufs.dtype)
-        acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=mma)
-        acc = warpgroup_mma(a, x_bufs.index(0).permute((1, 0)), acc, use_acc=False, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))  # (no wait: the loop carries a tensor)
-        p1 = STAGES - 1 < n_steps  # step STAGES - 1 into the last slot, never used yet
-        mbarrier.expect(ready.index(STAGES - 1), nbytes, pred=p1)
-        _tma_load(w_desc, [off_n, k_lo + (STAGES - 1) * BLOCK_K], ready.index(STAGES - 1), w_bufs.index(STAGES - 1), pred=p1)
-        _tma_load(x_desc, [0, k_lo + (STAGES - 1) * BLOCK_K], ready.index(STAGES - 1), x_bufs.index(STAGES - 1), pred=p1)
+        for j0 in gl.static_range(STAGES):  # (step STAGES - 1 would go out at step 0, which is peeled)
+            _load_step(x_desc, w_desc, w_bufs, x_bufs, ready, j0, off_n, k_lo + j0 * BLOCK_K, j0 < n_steps)
+        acc = _first_mma(w_bufs, x_bufs, ready, BLOCK_N, BLOCK_M, num_warps)
         for i in range(1, n_steps):
-            s = i % STAGES
-            mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-            a = w_bufs.index(s).load(a_layout).to(x_bufs.dtype)
-            acc = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-            _cta_barrier()
-            fence_async_shared()
+            acc = _next_mma(w_bufs, x_bufs, ready, i, acc, num_warps)
             j = i + STAGES - 1  # into slot (i - 1) % STAGES, free now
-            p = j < n_steps
-            t = j % STAGES
-            mbarrier.expect(ready.index(t), nbytes, pred=p)
-            _tma_load(w_desc, [off_n, k_lo + j * BLOCK_K], ready.index(t), w_bufs.index(t), pred=p)
-            _tma_load(x_desc, [0, k_lo + j * BLOCK_K], ready.index(t), x_bufs.index(t), pred=p)
+            _load_step(x_desc, w_desc, w_bufs, x_bufs, ready, j % STAGES, off_n, k_lo + j * BLOCK_K, j < n_steps)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         return acc
 
