@@ -310,22 +310,19 @@ def _compile_tma(qm, bits: int, cfg: QuantConfig, xdt: str, N: int, K: int, M: i
     from triton.compiler import ASTSource
 
     KB = K if bits == 8 else -(-K // GROUP) * GROUP // 2
-    step = cfg.block_k if bits == 8 else cfg.block_k // 2
-    split = min(max(1, cfg.split_k), -(-KB // step))
-    split = -(-KB // (-(-(-(-KB // split)) // step) * step))
-    bm = max(16, triton.next_power_of_2(M))
-    key = (bits, cfg, xdt, split, bm)
+    sh = qm.tma_shape(M, KB, bits, GROUP, cfg)  # the library's own launch shape
+    split, bm, box = sh.split, sh.bm, sh.box
+    key = (bits, cfg, xdt, sh)
     if key in seen:
         return 0
     seen.add(key)
-    box = cfg.block_k if bits == 8 else GROUP // 2
     sig = dict(x_desc=f"tensordesc<{xdt}[{bm}, {box}]>", w_desc=f"tensordesc<{'i8' if bits == 8 else 'u8'}[{cfg.block_n}, {box}]>",
                s_ptr="*fp32", y_ptr="*" + xdt, ws_ptr="*fp32", cnt_ptr="*i32", M="i32", N="i32")
     ce = dict(BLOCK_M=bm, BLOCK_N=cfg.block_n, SPLIT=split, STAGES=cfg.num_stages, SWAP=cfg.swap)
     if bits == 8:
         fn = qm._q8_tma_kernel
         sig.update(K="i32", stride_ym="i32")
-        ce.update(BLOCK_K=cfg.block_k, KPS=-(-(-(-KB // split)) // step) * step, FIXED=split > 1 or bm <= 32)
+        ce.update(BLOCK_K=cfg.block_k, KPS=sh.kb_per_split, FIXED=sh.fixed)
     else:
         fn = qm._q4_tma_kernel
         sig.update(KB="i32", kb_per_split="i32", stride_ym="i32")

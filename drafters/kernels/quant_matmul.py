@@ -900,12 +900,23 @@ def tma_applies(x: Tensor, qweight: Tensor, bits: int, group_size: int | None) -
             and all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in (x, qweight)))
 
 
-def _launch_tma(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, K: int, G: int, cfg: QuantConfig) -> Tensor:
-    """One tensor-descriptor launch; the operands passed :func:`tma_applies` (checked by ``_launch``)."""
-    from specdec.kernels.skinny import workspace
+@dataclass(frozen=True)
+class TmaShape:
+    """How :func:`_launch_tma` cuts one call (shared with the bench's offline compile check)."""
 
-    M, (N, KB) = x.shape[0], qweight.shape
-    bm = max(16, triton.next_power_of_2(M))
+    bm: int  # activation rows per tile (M rounded up to a power of two, >= 16)
+    box: int  # descriptor box width in bytes of the weight (int8: = step; int4: one group, G/2)
+    split: int  # K chunks (programs along K)
+    kb_per_split: int  # weight bytes per chunk, whole K steps
+
+    @property
+    def fixed(self) -> bool:
+        """int8: the compile-time K-step count of :func:`_q8_tma_kernel` (``FIXED``), where it measured faster."""
+        return self.split > 1 or self.bm <= 32
+
+
+def tma_shape(M: int, KB: int, bits: int, G: int, cfg: QuantConfig) -> TmaShape:
+    """The launch shape of a ``QuantConfig(tma=True)`` call with ``M`` rows and ``KB`` weight bytes per row."""
     if bits == 8:
         step, box = cfg.block_k, cfg.block_k  # bytes = elements per K step; descriptor box width
     else:
@@ -914,24 +925,34 @@ def _launch_tma(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, K: int, G
         step, box = cfg.block_k // 2, G // 2  # bytes per K step (whole groups); one group per descriptor load
     split = min(max(1, cfg.split_k), triton.cdiv(KB, step))
     kb_per_split = triton.cdiv(triton.cdiv(KB, split), step) * step  # whole steps per chunk
-    split = triton.cdiv(KB, kb_per_split)
+    return TmaShape(bm=max(16, triton.next_power_of_2(M)), box=box, split=triton.cdiv(KB, kb_per_split),
+                    kb_per_split=kb_per_split)
+
+
+def _launch_tma(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, K: int, G: int, cfg: QuantConfig) -> Tensor:
+    """One tensor-descriptor launch; the operands passed :func:`tma_applies` (checked by ``_launch``)."""
+    from specdec.kernels.skinny import workspace
+
+    M, (N, KB) = x.shape[0], qweight.shape
+    sh = tma_shape(M, KB, bits, G, cfg)
     tiles = triton.cdiv(N, cfg.block_n)
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    ws, cnt = workspace(x.device, tiles, cfg.block_n * bm, split) if split > 1 else (y, y)
-    x_desc = _TensorDescriptor.from_tensor(x, [bm, box])
-    w_desc = _TensorDescriptor.from_tensor(qweight, [cfg.block_n, box])
+    ws, cnt = workspace(x.device, tiles, cfg.block_n * sh.bm, sh.split) if sh.split > 1 else (y, y)
+    x_desc = _TensorDescriptor.from_tensor(x, [sh.bm, sh.box])
+    w_desc = _TensorDescriptor.from_tensor(qweight, [cfg.block_n, sh.box])
     if bits == 8:
-        _q8_tma_kernel[(tiles, split)](
+        _q8_tma_kernel[(tiles, sh.split)](
             x_desc, w_desc, scales, y, ws, cnt, M, N, K, y.stride(0),
-            BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split, STAGES=cfg.num_stages,
-            SWAP=cfg.swap, KPS=kb_per_split, FIXED=split > 1 or bm <= 32, num_warps=cfg.num_warps,
+            BLOCK_M=sh.bm, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=sh.split, STAGES=cfg.num_stages,
+            SWAP=cfg.swap, KPS=sh.kb_per_split, FIXED=sh.fixed, num_warps=cfg.num_warps,
         )
     else:
         use_asm = cfg.asm and x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
-        _q4_tma_kernel[(tiles, split)](
-            x_desc, w_desc, scales, y, ws, cnt, M, N, KB, kb_per_split, y.stride(0),
-            GROUP=G, GROUPS=cfg.block_k // G, BLOCK_M=bm, BLOCK_N=cfg.block_n, SPLIT=split, STAGES=cfg.num_stages,
-            ASM=use_asm, BF16=x.dtype == torch.bfloat16, SWAP=cfg.swap, num_warps=cfg.num_warps,
+        _q4_tma_kernel[(tiles, sh.split)](
+            x_desc, w_desc, scales, y, ws, cnt, M, N, KB, sh.kb_per_split, y.stride(0),
+            GROUP=G, GROUPS=cfg.block_k // G, BLOCK_M=sh.bm, BLOCK_N=cfg.block_n, SPLIT=sh.split,
+            STAGES=cfg.num_stages, ASM=use_asm, BF16=x.dtype == torch.bfloat16, SWAP=cfg.swap,
+            num_warps=cfg.num_warps,
         )
     return y
 
